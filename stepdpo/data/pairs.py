@@ -1,0 +1,176 @@
+"""The step-pair schema: one source of truth for what a pair is, how it is read, and how it is rendered.
+
+A pair, whatever its origin, is one JSON object:
+
+    id                      stable hash of (problem, prefix_steps, chosen_steps, rejected_steps)
+    kind                    "step": one next step vs another after the same prefix
+                            "solution": two step lists after their common prefix
+    problem                 the problem text
+    prefix_steps            the steps both sides share, in order (may be empty)
+    chosen_steps            list of step texts (one element for kind="step")
+    rejected_steps          list of step texts (one element for kind="step")
+    source                  [{"file": ..., "line": ...}, ...]  (several when deduplicated)
+    chosen_step_rewards     added by `stepdpo score`: one float per chosen step
+    rejected_step_rewards   added by `stepdpo score`: one float per rejected step
+
+Rendering a pair into model text is `render_prompt` + `render_completion`, used by training,
+scoring and evaluation alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Iterator
+
+KINDS = ("step", "solution")
+# Bump when render_prompt / render_completion change: reward caches are keyed on it.
+PROMPT_TEMPLATE_VERSION = 1
+STEP_SEPARATOR = "\n"
+
+
+class PairFileError(ValueError):
+    """A pair file line that does not follow the schema; the message names file, line and field."""
+
+
+def pair_id(problem: str, prefix_steps: list[str], chosen_steps: list[str], rejected_steps: list[str]) -> str:
+    # repr() of lists of str is unambiguous and stable across Python versions, and several times
+    # faster than json.dumps on the prepare hot path.
+    payload = repr((problem, list(prefix_steps), list(chosen_steps), list(rejected_steps)))
+    return hashlib.sha1(payload.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def make_pair(
+    kind: str,
+    problem: str,
+    prefix_steps: list[str],
+    chosen_steps: list[str],
+    rejected_steps: list[str],
+    source: list[dict],
+    id: str | None = None,
+) -> dict:
+    return {
+        "id": id or pair_id(problem, prefix_steps, chosen_steps, rejected_steps),
+        "kind": kind,
+        "problem": problem,
+        "prefix_steps": list(prefix_steps),
+        "chosen_steps": list(chosen_steps),
+        "rejected_steps": list(rejected_steps),
+        "source": list(source),
+    }
+
+
+def _is_str_list(value, allow_empty: bool) -> bool:
+    return isinstance(value, list) and (allow_empty or value) and all(isinstance(s, str) and s for s in value)
+
+
+def validate_pair(pair) -> str | None:
+    """None when `pair` follows the schema, else the first problem found (naming the field)."""
+    if not isinstance(pair, dict):
+        return "not a JSON object"
+    for field in ("id", "problem"):
+        if not isinstance(pair.get(field), str) or not pair[field]:
+            return f"field {field!r} must be a non-empty string"
+    if pair.get("kind") not in KINDS:
+        return f"field 'kind' must be one of {KINDS}, got {pair.get('kind')!r}"
+    if not _is_str_list(pair.get("prefix_steps"), allow_empty=True):
+        return "field 'prefix_steps' must be a list of non-empty strings"
+    for field in ("chosen_steps", "rejected_steps"):
+        if not _is_str_list(pair.get(field), allow_empty=False):
+            return f"field {field!r} must be a non-empty list of non-empty strings"
+        if pair["kind"] == "step" and len(pair[field]) != 1:
+            return f"field {field!r} must have exactly one step when kind is 'step'"
+    for side in ("chosen", "rejected"):
+        rewards = pair.get(f"{side}_step_rewards")
+        if rewards is None:
+            continue
+        if not isinstance(rewards, list) or len(rewards) != len(pair[f"{side}_steps"]):
+            return f"field '{side}_step_rewards' must have one number per step in '{side}_steps'"
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards):
+            return f"field '{side}_step_rewards' must contain finite numbers"
+    return None
+
+
+def read_pairs(path: str | Path, require_rewards: bool = False) -> list[dict]:
+    """Read and validate a pairs.jsonl; any bad line raises PairFileError naming file, line and field."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pairs.jsonl"
+    if not path.exists():
+        raise PairFileError(f"{path}: no such pair file (write one with `stepdpo prepare`)")
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pair = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PairFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            problem = validate_pair(pair)
+            if problem is None and require_rewards and "chosen_step_rewards" not in pair:
+                problem = "no 'chosen_step_rewards'/'rejected_step_rewards': score the pairs first with `stepdpo score`"
+            if problem:
+                raise PairFileError(f"{path}:{lineno}: {problem}")
+            pairs.append(pair)
+    return pairs
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
+def to_json_line(row: dict) -> str:
+    return _ENCODER.encode(row) + "\n"
+
+
+def write_lines(path: str | Path, lines: Iterable[str]) -> int:
+    """Write pre-encoded lines atomically (temp file + rename) so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line)
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    return write_lines(path, (to_json_line(row) for row in rows))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering: the only place that decides how a pair becomes model text.
+
+
+def render_prompt(problem: str, prefix_steps: list[str]) -> str:
+    """Problem and the shared prefix steps; the next step follows directly after it."""
+    prefix = "".join(step + STEP_SEPARATOR for step in prefix_steps)
+    return f"Problem: {problem}{STEP_SEPARATOR}Solution:{STEP_SEPARATOR}{prefix}"
+
+
+def render_completion(steps: list[str]) -> str:
+    """One step, or several joined by the separator. No EOS: a step is not the end of an answer."""
+    return STEP_SEPARATOR.join(steps)
+
+
+def render_pair(pair: dict, drop_prefix_steps: int = 0) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected); `drop_prefix_steps` leaves out the oldest prefix steps (truncation)."""
+    prefix = pair["prefix_steps"][drop_prefix_steps:]
+    if drop_prefix_steps:
+        prefix = ["..."] + prefix  # mark that earlier steps were left out
+    return (
+        render_prompt(pair["problem"], prefix),
+        render_completion(pair["chosen_steps"]),
+        render_completion(pair["rejected_steps"]),
+    )

@@ -1,0 +1,230 @@
+"""`stepdpo prepare`: read every input line, validate it, build step pairs, deduplicate, split by problem.
+
+Writes DIR/pairs.jsonl, DIR/rejects.jsonl, DIR/report.json and, with a test fraction,
+DIR/train/pairs.jsonl and DIR/test/pairs.jsonl (no problem on both sides).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stepdpo.data.formats import CONVERTERS
+from stepdpo.data.pairs import make_pair, pair_id, to_json_line, write_lines
+from stepdpo.data.prm800k import NEUTRAL_POLICIES, RecordError, solution_pairs, walk_record
+
+FORMATS = ("prm800k", "step-dpo", "steps", "trl")
+
+
+class PrepareError(RuntimeError):
+    """A run that must stop: --strict on a bad line, or too many bad lines."""
+
+
+@dataclass
+class PrepareOptions:
+    format: str = "prm800k"
+    neutral: str = "skip"
+    solution_pairs: int = 0  # per-problem cap of kind="solution" pairs (PRM800K); 0 = none
+    test_fraction: float = 0.0
+    seed: int = 0
+    strict: bool = False
+    max_bad_fraction: float | None = None
+    progress: bool = True
+
+
+@dataclass
+class _Run:
+    pairs: dict = field(default_factory=dict)  # id -> pair, in first-seen order
+    rejects: list = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    rejected_by_reason: Counter = field(default_factory=Counter)
+    skipped_by_reason: Counter = field(default_factory=Counter)
+    walks_by_problem: dict = field(default_factory=lambda: defaultdict(list))
+
+
+def _rows(path: Path):
+    """(line, text or parsed row). jsonl: 1-based line numbers; a JSON array: 1-based element index."""
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno})") from None
+        for i, row in enumerate(rows, 1):
+            yield i, row, False
+        return
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line, True
+
+
+def _add_pair(run: _Run, kind, problem, prefix, chosen, rejected, source) -> None:
+    pid = pair_id(problem, prefix, chosen, rejected)
+    existing = run.pairs.get(pid)
+    if existing is None:
+        run.pairs[pid] = make_pair(kind, problem, prefix, chosen, rejected, [source], id=pid)
+    else:
+        existing["source"].append(source)
+        run.counts["duplicates_removed"] += 1
+
+
+def _reject(run: _Run, opts: PrepareOptions, file: str, line: int, reason: str, detail: str, status="rejected"):
+    run.rejects.append({"file": file, "line": line, "reason": reason, "detail": detail, "status": status})
+    if status == "rejected":
+        run.rejected_by_reason[reason] += 1
+        if opts.strict:
+            raise PrepareError(f"{file}:{line}: {reason}: {detail} (drop --strict to skip bad lines)")
+    else:
+        run.skipped_by_reason[reason] += 1
+
+
+def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
+    file = str(path)
+    convert = CONVERTERS.get(opts.format)
+    size = path.stat().st_size
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"prepare {path.name}", disable=not opts.progress)
+    pending = 0
+    for line, raw, is_text in _rows(path):
+        if is_text:
+            pending += len(raw)
+            if pending > 1 << 20:
+                bar.update(pending)
+                pending = 0
+            if not raw.strip():
+                continue  # blank lines are ignored
+            run.counts["lines_read"] += 1
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as e:
+                _reject(run, opts, file, line, "invalid_json", f"{e.msg} at column {e.colno}")
+                continue
+        else:
+            run.counts["lines_read"] += 1
+            row = raw
+        try:
+            if convert is None:
+                walk = walk_record(row, opts.neutral)
+            else:
+                kind, problem, prefix, chosen, rejected = convert(row)
+        except RecordError as e:
+            _reject(run, opts, file, line, e.reason, str(e))
+            continue
+        source = {"file": file, "line": line}
+        if convert is not None:
+            run.counts["records_used"] += 1
+            _add_pair(run, kind, problem, prefix, chosen, rejected, source)
+            run.counts["pairs_generated"] += 1
+            continue
+        if walk.finish_reason == "bad_problem":
+            _reject(run, opts, file, line, "bad_problem", "finish_reason is bad_problem", status="skipped")
+            continue
+        run.counts["records_used"] += 1
+        if not walk.step_pairs:
+            run.counts["records_without_step_pairs"] += 1
+        for prefix, chosen, rejected in walk.step_pairs:
+            _add_pair(run, "step", walk.problem, prefix, [chosen], [rejected], source)
+            run.counts["pairs_generated"] += 1
+        if opts.solution_pairs:
+            run.walks_by_problem[walk.problem].append((walk, source))
+    bar.update(size - bar.n)
+    bar.close()
+
+
+def _add_solution_pairs(run: _Run, cap: int) -> None:
+    for problem, entries in run.walks_by_problem.items():
+        for prefix, good, bad in solution_pairs([w for w, _ in entries], cap):
+            good_src = next(s for w, s in entries if w.trajectory == prefix + good)
+            bad_src = next(s for w, s in entries if w.trajectory == prefix + bad)
+            pair = make_pair("solution", problem, prefix, good, bad, [good_src, bad_src])
+            if pair["id"] not in run.pairs:
+                run.pairs[pair["id"]] = pair
+                run.counts["solution_pairs"] += 1
+
+
+def split_by_problem(pairs: list[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Held-out split by problem text: no problem has pairs on both sides."""
+    problems = sorted({p["problem"] for p in pairs})
+    random.Random(seed).shuffle(problems)
+    n_test = round(len(problems) * test_fraction)
+    if test_fraction > 0 and n_test == 0 and len(problems) > 1:
+        n_test = 1
+    test_problems = set(problems[:n_test])
+    train = [p for p in pairs if p["problem"] not in test_problems]
+    test = [p for p in pairs if p["problem"] in test_problems]
+    return train, test
+
+
+def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions) -> dict:
+    if opts.format not in FORMATS:
+        raise PrepareError(f"--format {opts.format!r} is not one of {', '.join(FORMATS)}")
+    if opts.neutral not in NEUTRAL_POLICIES:
+        raise PrepareError(f"--neutral {opts.neutral!r} is not one of {', '.join(NEUTRAL_POLICIES)}")
+    if not 0.0 <= opts.test_fraction < 1.0:
+        raise PrepareError(f"--test-fraction must be in [0, 1), got {opts.test_fraction}")
+    paths = [Path(p) for p in inputs]
+    for p in paths:
+        if not p.is_file():
+            raise PrepareError(f"--input {p}: no such file")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run = _Run()
+    for path in paths:
+        _process_file(path, run, opts)
+    if opts.solution_pairs and opts.format == "prm800k":
+        _add_solution_pairs(run, opts.solution_pairs)
+
+    pairs = list(run.pairs.values())
+    files = {"pairs": "pairs.jsonl", "rejects": "rejects.jsonl", "report": "report.json"}
+    lines = {p["id"]: to_json_line(p) for p in pairs}  # encode each pair once, write it up to twice
+    write_lines(out / files["pairs"], lines.values())
+    write_lines(out / files["rejects"], map(to_json_line, run.rejects))
+    split = None
+    if opts.test_fraction > 0:
+        train, test = split_by_problem(pairs, opts.test_fraction, opts.seed)
+        write_lines(out / "train" / "pairs.jsonl", (lines[p["id"]] for p in train))
+        write_lines(out / "test" / "pairs.jsonl", (lines[p["id"]] for p in test))
+        files.update(train="train/pairs.jsonl", test="test/pairs.jsonl")
+        split = {
+            "train_pairs": len(train),
+            "test_pairs": len(test),
+            "train_problems": len({p["problem"] for p in train}),
+            "test_problems": len({p["problem"] for p in test}),
+        }
+    bad = sum(run.rejected_by_reason.values())
+    n_lines = run.counts["lines_read"]
+    report = {
+        "inputs": [str(p) for p in paths],
+        "options": asdict(opts),
+        "counts": {
+            "lines_read": n_lines,
+            "records_used": run.counts["records_used"],
+            "records_without_step_pairs": run.counts["records_without_step_pairs"],
+            "pairs_generated": run.counts["pairs_generated"],
+            "duplicates_removed": run.counts["duplicates_removed"],
+            "solution_pairs": run.counts["solution_pairs"],
+            "pairs_written": len(pairs),
+            "rejected": bad,
+            "skipped": sum(run.skipped_by_reason.values()),
+        },
+        "rejected_by_reason": dict(run.rejected_by_reason),
+        "skipped_by_reason": dict(run.skipped_by_reason),
+        "pair_kinds": dict(Counter(p["kind"] for p in pairs)),
+        "split": split,
+        "files": files,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    (out / files["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if opts.max_bad_fraction is not None and n_lines and bad / n_lines > opts.max_bad_fraction:
+        raise PrepareError(
+            f"{bad} of {n_lines} lines ({bad / n_lines:.1%}) were rejected, above --max-bad-fraction "
+            f"{opts.max_bad_fraction}; see {out / files['rejects']} for each line and reason"
+        )
+    return report

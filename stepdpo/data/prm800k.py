@@ -1,0 +1,155 @@
+"""PRM800K (phase 1 and phase 2) records -> step pairs.
+
+The rules (the default policy; README "Data" restates them):
+
+* A line is rejected when it is not valid JSON, not an object, has no non-empty string
+  `question.problem`, has no list `label.steps`, has a step that is not an object or whose
+  `completions` is not a list, a completion whose `text` is not a non-empty string, a `rating`
+  outside {-1, 0, 1, null}, or a `chosen_completion` that is neither null nor a valid index.
+* `finish_reason == "bad_problem"`: skipped, no pairs. `give_up` and quality-control questions are used.
+* Walk the steps with a prefix (initially empty). Candidates at a step: completions whose rating is
+  not null and that are not flagged, plus `human_completion` (a string, or an object with `text`) as a
+  +1 candidate. Every (+1, -1) combination is one `kind="step"` pair after the current prefix.
+  Neutral (0) candidates are left out unless `neutral` says "positive" or "negative". A combination
+  whose two texts are identical carries no preference and is not written.
+* Then extend the prefix with `completions[chosen_completion].text`, or with the human completion
+  when `chosen_completion` is null; when neither exists, stop walking the record.
+* Optional `kind="solution"` pairs: per problem, a trajectory that ended in `solution` with no -1
+  step vs one that contains a -1 step, after their common prefix, capped per problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NEUTRAL_POLICIES = ("skip", "positive", "negative")
+
+
+class RecordError(ValueError):
+    """A malformed record; `reason` is a short code, the message the detail."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class Walk:
+    """What one valid record yields."""
+
+    problem: str
+    step_pairs: list[tuple[list[str], str, str]] = field(default_factory=list)  # (prefix, chosen, rejected)
+    trajectory: list[str] = field(default_factory=list)  # the walked path (+ the first -1 step if any)
+    has_error: bool = False
+    finish_reason: str | None = None
+
+
+def _valid_rating(r) -> bool:
+    return r is None or (type(r) is int and r in (-1, 0, 1))
+
+
+def _human_text(step: dict) -> str | None:
+    human = step.get("human_completion")
+    if isinstance(human, dict):
+        human = human.get("text")
+    return human if isinstance(human, str) and human else None
+
+
+def validate_record(record) -> tuple[str, list]:
+    """Return (problem, steps) or raise RecordError."""
+    if not isinstance(record, dict):
+        raise RecordError("not_object", f"expected a JSON object, got {type(record).__name__}")
+    question = record.get("question")
+    problem = question.get("problem") if isinstance(question, dict) else None
+    if not isinstance(problem, str) or not problem.strip():
+        raise RecordError("missing_problem", "question.problem must be a non-empty string")
+    label = record.get("label")
+    steps = label.get("steps") if isinstance(label, dict) else None
+    if not isinstance(steps, list):
+        raise RecordError("missing_steps", "label.steps must be a list")
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("completions"), list):
+            raise RecordError("bad_step", f"label.steps[{i}] must be an object with a list 'completions'")
+        completions = step["completions"]
+        for j, c in enumerate(completions):
+            if not isinstance(c, dict) or not isinstance(c.get("text"), str) or not c["text"]:
+                raise RecordError(
+                    "bad_completion_text", f"label.steps[{i}].completions[{j}].text must be a non-empty string"
+                )
+            if not _valid_rating(c.get("rating")):
+                raise RecordError(
+                    "bad_rating", f"label.steps[{i}].completions[{j}].rating is {c.get('rating')!r}, not -1/0/1/null"
+                )
+        chosen = step.get("chosen_completion")
+        if chosen is not None and not (type(chosen) is int and 0 <= chosen < len(completions)):
+            raise RecordError(
+                "bad_chosen_completion",
+                f"label.steps[{i}].chosen_completion is {chosen!r}; expected null or an index below {len(completions)}",
+            )
+    return problem, steps
+
+
+def walk_record(record, neutral: str = "skip") -> Walk:
+    """Apply the rules to one parsed record (raises RecordError when malformed)."""
+    problem, steps = validate_record(record)
+    walk = Walk(problem=problem, finish_reason=record["label"].get("finish_reason"))
+    prefix: list[str] = []
+    for step in steps:
+        good: list[str] = []
+        bad: list[str] = []
+        for c in step["completions"]:
+            rating = c.get("rating")
+            if rating is None or c.get("flagged") is True:
+                continue
+            if rating == 0:
+                if neutral == "positive":
+                    rating = 1
+                elif neutral == "negative":
+                    rating = -1
+                else:
+                    continue
+            (good if rating == 1 else bad).append(c["text"])
+        human = _human_text(step)
+        if human is not None:
+            good.append(human)
+        for g in good:
+            for b in bad:
+                if g != b:
+                    walk.step_pairs.append((list(prefix), g, b))
+        chosen = step.get("chosen_completion")
+        if chosen is not None:
+            picked = step["completions"][chosen]
+            prefix.append(picked["text"])
+            if picked.get("rating") == -1:
+                walk.has_error = True
+        elif human is not None:
+            prefix.append(human)
+        else:
+            if bad:  # the trajectory ends on its first error (phase 2 found_error)
+                prefix.append(bad[0])
+                walk.has_error = True
+            break
+    walk.trajectory = prefix
+    return walk
+
+
+def solution_pairs(walks: list[Walk], cap_per_problem: int) -> list[tuple[list[str], list[str], list[str]]]:
+    """(common prefix, good tail, bad tail) for one problem's trajectories, at most `cap_per_problem`."""
+    good = [w.trajectory for w in walks if w.finish_reason == "solution" and not w.has_error and w.trajectory]
+    bad = [w.trajectory for w in walks if w.has_error and w.trajectory]
+    out, seen = [], set()
+    for g in good:
+        for b in bad:
+            n = 0
+            while n < min(len(g), len(b)) and g[n] == b[n]:
+                n += 1
+            if n == len(g) or n == len(b):
+                continue  # one side is a prefix of the other: no two step lists to compare
+            key = (tuple(g), tuple(b))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((g[:n], g[n:], b[n:]))
+            if len(out) >= cap_per_problem:
+                return out
+    return out

@@ -1,0 +1,152 @@
+"""What a reward is computed on, how it is cached, and the prompts both backends share.
+
+A *substep* is one step in its context: (problem, previous steps, step). Every chosen and rejected
+step of every pair is one substep; pairs share many (the same prefix recurs), so each distinct
+substep is scored once.
+
+Methods:
+* judge: a generative LLM judge (the seed's LLMRewardModel). reward = P(yes) / (P(yes) + P(no)) for
+  the next token after `judge_prompt(...)`; decoder-only or encoder-decoder (first decoder token).
+* prm:   a process reward model (math-shepherd style): the whole solution with a step tag after every
+  step, one forward pass; the reward of step k = softmax(logit(good), logit(bad))[good] at tag k.
+  Scoring a side costs one pass over prefix+steps, linear in the number of steps.
+
+The cache is an append-only JSONL of {"key", "reward"}; a key hashes (model, method settings, prompt
+template version, problem, previous steps, step), so a re-run after a crash scores only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepdpo.data.pairs import PROMPT_TEMPLATE_VERSION, render_prompt
+
+JUDGE_QUESTION = "Step: {step}\nIs this step correct? Answer:"
+YES_VARIANTS = (" yes", "yes", " Yes", "Yes")
+NO_VARIANTS = (" no", "no", " No", "No")
+DEFAULT_STEP_TAG = " ки"  # math-shepherd's
+
+
+class ScoreError(RuntimeError):
+    """A scoring run that cannot start or continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Substep:
+    problem: str
+    previous: tuple[str, ...]
+    step: str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything that changes a reward besides the input; part of every cache key."""
+
+    model: str
+    method: str  # judge | prm
+    good_token: str = "+"
+    bad_token: str = "-"
+    step_tag: str = DEFAULT_STEP_TAG
+    pooling: bool = False
+
+    def key(self, sub: Substep) -> str:
+        fields = [self.model, self.method, PROMPT_TEMPLATE_VERSION, sub.problem, list(sub.previous), sub.step]
+        if self.method == "prm":
+            fields += [self.good_token, self.bad_token, self.step_tag, self.pooling]
+        payload = json.dumps(fields, ensure_ascii=False)
+        return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+def judge_prompt(sub: Substep) -> str:
+    return render_prompt(sub.problem, list(sub.previous)) + JUDGE_QUESTION.format(step=sub.step)
+
+
+def prm_text(problem: str, steps: list[str], tag: str) -> str:
+    """math-shepherd's layout: the question, then every step followed by the step tag."""
+    return render_prompt(problem, []) + "".join(f"{s}{tag}\n" for s in steps)
+
+
+def single_token(tokenizer, variants: tuple[str, ...]) -> int | None:
+    for text in variants:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return ids[0]
+    return None
+
+
+def judge_token_ids(tokenizer, model_name: str) -> tuple[int, int]:
+    yes, no = single_token(tokenizer, YES_VARIANTS), single_token(tokenizer, NO_VARIANTS)
+    if yes is None or no is None:
+        missing = " and ".join(w for w, t in (("yes", yes), ("no", no)) if t is None)
+        raise ScoreError(
+            f"{model_name}: the tokenizer has no single token for {missing} (tried {YES_VARIANTS + NO_VARIANTS}); "
+            "the judge method reads P(yes)/P(no) from one next token. Use a judge model whose vocabulary has them, "
+            "or --method prm."
+        )
+    return yes, no
+
+
+def prm_token_ids(tokenizer, spec: MethodSpec) -> tuple[int, int, int]:
+    """(step tag id, good id, bad id); errors before any work when one is not a single token."""
+    tag_ids = tokenizer(spec.step_tag, add_special_tokens=False)["input_ids"]
+    if len(tag_ids) != 1:
+        raise ScoreError(
+            f"{spec.model}: the step tag {spec.step_tag!r} is {len(tag_ids)} tokens, not one; a PRM needs a "
+            "single-token step tag (math-shepherd: ' ки'; Qwen2.5-Math-PRM: '<extra_0>'). Set --prm-step-tag."
+        )
+    good = single_token(tokenizer, (spec.good_token, " " + spec.good_token))
+    bad = single_token(tokenizer, (spec.bad_token, " " + spec.bad_token))
+    if good is None or bad is None:
+        raise ScoreError(f"{spec.model}: --prm-good-token/--prm-bad-token must each be one token")
+    return tag_ids[0], good, bad
+
+
+def substeps_of_pair(pair: dict) -> dict[str, list[Substep]]:
+    out = {}
+    for side in ("chosen", "rejected"):
+        previous = list(pair["prefix_steps"])
+        subs = []
+        for step in pair[f"{side}_steps"]:
+            subs.append(Substep(pair["problem"], tuple(previous), step))
+            previous.append(step)
+        out[side] = subs
+    return out
+
+
+class ScoreCache:
+    """Append-only JSONL cache; every batch is flushed and fsync'd as it arrives."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.values: dict[str, float] = {}
+        if self.path.exists():
+            with self.path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        self.values[row["key"]] = float(row["reward"])
+                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                        continue  # a torn last line from a crash: that score is simply recomputed
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def get(self, key: str) -> float | None:
+        return self.values.get(key)
+
+    def put_many(self, items: list[tuple[str, float]]) -> None:
+        new = [(k, v) for k, v in items if k not in self.values]
+        for k, v in new:
+            self.values[k] = v
+            self._f.write(json.dumps({"key": k, "reward": v}) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()

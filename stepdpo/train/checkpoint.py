@@ -1,0 +1,48 @@
+"""Checkpoint completeness and resume.
+
+transformers writes `checkpoint-N/` file by file; a crash (or a SLURM kill) can leave one half
+written. A checkpoint counts only once its `COMPLETED` marker exists, written after every file is
+in place; resume picks the newest complete checkpoint and ignores the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+MARKER = "COMPLETED"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def mark_complete(path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_dir():
+        return
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"time": time.time()}) + "\n")
+    os.replace(tmp, path / MARKER)  # atomic: the marker is either absent or whole
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        m = _CKPT.match(child.name)
+        if m and child.is_dir() and is_complete(child):
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = complete_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None

@@ -1,0 +1,59 @@
+"""Stepwise DPO losses. Every function returns the per-pair loss (mean it for the batch loss).
+
+Notation, per pair:
+    c, r    = log pi_theta(chosen step | prompt), log pi_theta(rejected step | prompt)   (sums over tokens)
+    c0, r0  = the same under the reference model
+    delta   = (c - c0) - (r - r0)                       the DPO implicit reward difference (/beta)
+    dr      = sum(chosen_step_rewards) - sum(rejected_step_rewards)    the step-reward gap
+
+`step_loss="dpo"` is not here: it is TRL's own `DPOTrainer` loss (every `loss_type` TRL offers),
+applied unchanged to step pairs (Step-DPO).
+
+Worked example used by the unit tests (beta = 0.1, gamma = 1):
+    c, r, c0, r0 = -2.0, -3.0, -2.5, -2.5   ->  delta = 0.5 - (-0.5) = 1.0
+    dr = 0.9 - 0.2 = 0.7
+    dpo            -log sigmoid(0.1)                         = 0.644397
+    step_weighted  sigmoid weight 2*sigmoid(0.7) = 1.336375  -> 1.336375 * 0.644397 = 0.861156
+                   linear weight max(0.7, 0) = 0.7          -> 0.451078
+    step_margin    -log sigmoid(0.1 * 1.0 - 1 * 0.7) = -log sigmoid(-0.6)           = 1.037488
+    seed           -log sigmoid(0.7 * (-2.0 - -3.0)) = -log sigmoid(0.7)            = 0.403186
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STEP_LOSSES = ("dpo", "step_weighted", "step_margin", "seed")
+WEIGHT_FNS = ("sigmoid", "linear")
+
+
+def reward_weight(reward_gap: torch.Tensor, fn: str = "sigmoid", gamma: float = 1.0) -> torch.Tensor:
+    """Weight of a pair from its step-reward gap.
+
+    sigmoid: w = 2 * sigmoid(gamma * dr)  in (0, 2); w = 1 when the reward model sees no gap, so
+             confidently-ranked pairs count more and pairs the reward model disagrees with count less.
+    linear:  w = max(gamma * dr, 0); pairs the reward model ranks the other way get no weight.
+    """
+    if fn == "sigmoid":
+        return 2.0 * torch.sigmoid(gamma * reward_gap)
+    if fn == "linear":
+        return torch.clamp(gamma * reward_gap, min=0.0)
+    raise ValueError(f"step_weight_fn {fn!r} is not one of {WEIGHT_FNS}")
+
+
+def step_weighted_loss(delta: torch.Tensor, reward_gap: torch.Tensor, beta: float, fn: str, gamma: float) -> torch.Tensor:
+    """L = w(dr) * -log sigmoid(beta * delta). The weight carries no gradient (rewards are data)."""
+    return reward_weight(reward_gap.detach(), fn, gamma) * -F.logsigmoid(beta * delta)
+
+
+def step_margin_loss(delta: torch.Tensor, reward_gap: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """L = -log sigmoid(beta * delta - gamma * dr): the policy must beat the reference by at least the
+    reward gap (a reward-derived margin, as in ODPO / Llama-2's margin loss)."""
+    return -F.logsigmoid(beta * delta - gamma * reward_gap.detach())
+
+
+def seed_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, reward_gap: torch.Tensor) -> torch.Tensor:
+    """The original formula: L = -log sigmoid(dr * (c - r)). Reference-free: no reference model,
+    no beta; the reward gap scales the log-likelihood difference (a negative gap pushes the other way)."""
+    return -F.logsigmoid(reward_gap.detach() * (chosen_logps - rejected_logps))

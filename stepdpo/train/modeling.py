@@ -1,0 +1,121 @@
+"""Model loading in one place: dtype, QLoRA (bitsandbytes 4-bit), LoRA, ZeRO-3 compatibility.
+
+Rules that are checked before any training starts (each error names the fix):
+* ZeRO-3 shards parameters itself: a `device_map` is refused.
+* ZeRO-3 + 4-bit: `bnb_4bit_quant_storage` must equal the model dtype so the packed 4-bit weights
+  are ordinary tensors of that dtype that ZeRO-3 can partition.
+* A checkpoint already quantised with GPTQ/AWQ cannot be sharded by ZeRO-3.
+* bf16 where the hardware does not support it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("stepdpo.train")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelConfigError(ValueError):
+    """An incompatible loading combination, detected before training."""
+
+
+def zero_stage(training_args) -> int:
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is not None:
+        return int(plugin.zero_stage)
+    return 0
+
+
+def check_compatibility(args, model_config, *, device_map=None) -> None:
+    stage = zero_stage(args)
+    if stage == 3 and device_map is not None:
+        raise ModelConfigError(
+            "DeepSpeed ZeRO-3 is not compatible with a device_map: ZeRO-3 places and shards the weights itself. "
+            "Remove device_map (stepdpo never sets one under DeepSpeed)."
+        )
+    quant = getattr(model_config, "quantization_config", None)
+    method = (quant or {}).get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if stage == 3 and method in ("gptq", "awq"):
+        raise ModelConfigError(
+            f"{args.model_name_or_path} is pre-quantised with {method.upper()}, which ZeRO-3 cannot shard. "
+            "Use the unquantised checkpoint with load_in_4bit=true (QLoRA), or ZeRO-2 / DDP."
+        )
+    if args.model_dtype == "bfloat16" and not args.use_cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ModelConfigError(
+            "model_dtype=bfloat16 but this GPU does not support bf16 (pre-Ampere). Use model_dtype=float16 with "
+            "fp16=true, or float32."
+        )
+    if args.load_in_4bit and args.bnb_4bit_compute_dtype not in ("bfloat16", "float32", "float16"):
+        raise ModelConfigError(f"bnb_4bit_compute_dtype={args.bnb_4bit_compute_dtype!r}: use bfloat16 or float32")
+
+
+def quantization_config(args):
+    """QLoRA: nf4 + double quant; storage dtype = model dtype (required for ZeRO-3 sharding)."""
+    if not args.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[args.bnb_4bit_compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[args.model_dtype],
+    )
+
+
+def lora_config(args, encoder_decoder: bool):
+    if not args.use_lora:
+        return None
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules
+    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target_modules,
+        task_type="SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM",
+    )
+
+
+def load_tokenizer(name: str, revision: str | None = None, token: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, token=token)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(args, token: str | None = None, for_training: bool = True):
+    """Load the policy as configured. Returns (model, peft_config or None)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    name = args.model_name_or_path
+    model_config = AutoConfig.from_pretrained(name, revision=args.model_revision, token=token)
+    check_compatibility(args, model_config)
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+    cls = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+    kwargs = {"revision": args.model_revision, "token": token, "dtype": DTYPES[args.model_dtype]}
+    quant = quantization_config(args)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        # Never a device_map under ZeRO-3 (checked above); on one device bitsandbytes needs none either.
+    model = cls.from_pretrained(name, **kwargs)
+    if quant is not None and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            # PEFT + ZeRO-3 needs re-entrant checkpointing (TRL enforces it too); elsewhere non-re-entrant is faster.
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+            or {"use_reentrant": zero_stage(args) == 3},
+        )
+    return model, lora_config(args, encoder_decoder)

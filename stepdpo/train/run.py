@@ -1,0 +1,118 @@
+"""`stepdpo train`: one process of a (possibly multi-process) training run.
+
+Launched directly for one CPU process, or by `accelerate launch -m stepdpo.train.run` (see
+launch/train.sh) for DDP / DeepSpeed. Arguments: `--config recipe.yaml` plus any StepwiseDPOConfig
+field as `--field value` (CLI overrides YAML).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("stepdpo.train")
+
+
+def parse_config(argv: list[str] | None = None):
+    from trl import TrlParser
+
+    from stepdpo.config import StepwiseDPOConfig
+
+    parser = TrlParser((StepwiseDPOConfig,), prog="stepdpo train")
+    (config,) = parser.parse_args_and_config(argv)
+    if not config.model_name_or_path:
+        parser.error("--model_name_or_path is required (in the recipe or on the command line)")
+    if not config.train_pairs:
+        parser.error("--train_pairs is required: a pairs.jsonl from `stepdpo prepare`")
+    return config
+
+
+def build_trainer(config, callbacks=None, trainer_cls=None):
+    """Load data, model and tokenizer as configured; return a ready StepwiseDPOTrainer."""
+    from stepdpo.auth import resolve_token
+    from stepdpo.data.pairs import read_pairs
+    from stepdpo.train.modeling import load_model, load_tokenizer
+    from stepdpo.train.trainer import StepwiseDPOTrainer
+
+    token = resolve_token(config.hf_token_file).value
+    train_pairs = read_pairs(config.train_pairs, require_rewards=config.step_loss != "dpo")
+    if config.max_train_pairs:
+        train_pairs = train_pairs[: config.max_train_pairs]
+    eval_pairs = read_pairs(config.eval_pairs) if config.eval_pairs else None
+    tokenizer = load_tokenizer(config.model_name_or_path, config.model_revision, token)
+    model, peft_config = load_model(config, token=token)
+    cls = trainer_cls or StepwiseDPOTrainer
+    return cls(
+        model=model,
+        args=config,
+        train_dataset=train_pairs,
+        eval_dataset=eval_pairs,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def resume_point(config) -> str | None:
+    from stepdpo.train.checkpoint import find_resume_checkpoint
+
+    if config.resume == "never":
+        return None
+    if config.resume != "auto":
+        if not Path(config.resume).is_dir():
+            raise SystemExit(f"--resume {config.resume}: no such checkpoint directory")
+        return config.resume
+    found = find_resume_checkpoint(config.output_dir)
+    return str(found) if found else None
+
+
+def train(config, trainer_cls=None) -> dict:
+    from stepdpo.train.checkpoint import mark_complete
+    from stepdpo.train.trainer import install_preemption_signal
+
+    install_preemption_signal()
+    trainer = build_trainer(config, trainer_cls=trainer_cls)
+    resume = resume_point(config)
+    if resume and trainer.is_world_process_zero():
+        logger.warning("resuming from %s", resume)
+    start = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    summary = {
+        "global_step": trainer.state.global_step,
+        "preempted": trainer.preempted,
+        "resumed_from": resume,
+        "seconds": round(time.time() - start, 2),
+        "skipped_steps": trainer._guard.skipped,
+        "truncation": trainer.truncation_stats,
+        "log_history": trainer.state.log_history,
+    }
+    if not trainer.preempted:
+        final = Path(config.output_dir) / "final"
+        trainer.save_model(str(final))
+        if trainer.is_world_process_zero():
+            trainer.processing_class.save_pretrained(str(final))
+            mark_complete(final)
+    if trainer.is_world_process_zero():
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO if os.environ.get("LOCAL_RANK", "0") == "0" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_config(argv)
+    summary = train(config)
+    if summary["preempted"]:
+        logger.warning("stopped for pre-emption at step %d; a checkpoint was saved", summary["global_step"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""StepwiseDPOTrainer: TRL's DPOTrainer for step pairs.
+
+What it changes, and why:
+* Data: takes step pairs (the schema of stepdpo.data.pairs) and tokenizes them with the shared
+  renderer: no EOS after a step unless `append_eos`, step-aware truncation (never cuts a step).
+* Loss: `step_loss="dpo"` is TRL's own `_compute_loss`, untouched, so every TRL `loss_type` works and
+  the losses equal `trl.DPOTrainer`'s. The step-reward modes (`step_weighted`, `step_margin`, `seed`)
+  are computed here from the same policy/reference log-probabilities (stepdpo.train.losses).
+* Encoder-decoder models (flan-t5), which TRL 1.16 rejects at the first step: see seq2seq.py.
+* Reliability: a non-finite loss or gradient skips the optimizer step on every rank together and
+  K in a row abort the run; checkpoints get a COMPLETED marker; a pre-emption flag file makes
+  every rank save and stop together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from stepdpo.train import losses
+from stepdpo.train.checkpoint import mark_complete
+from stepdpo.train.seq2seq import add_seq2seq_fused_head, is_encoder_decoder
+from stepdpo.train.tokenize import tokenize_pair
+
+logger = logging.getLogger("stepdpo.train")
+
+# Columns the collator carries next to TRL's, popped before the model sees the batch.
+EXTRA_KEYS = ("step_reward_gap", "pair_index")
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def pairs_to_dataset(pairs: list[dict]) -> Dataset:
+    """Pairs -> a datasets.Dataset with the columns tokenization needs (sources are left out)."""
+    columns = {
+        "id": [p["id"] for p in pairs],
+        "kind": [p["kind"] for p in pairs],
+        "problem": [p["problem"] for p in pairs],
+        "prefix_steps": [p["prefix_steps"] for p in pairs],
+        "chosen_steps": [p["chosen_steps"] for p in pairs],
+        "rejected_steps": [p["rejected_steps"] for p in pairs],
+    }
+    if pairs and all("chosen_step_rewards" in p for p in pairs):
+        columns["step_reward_gap"] = [
+            float(sum(p["chosen_step_rewards"]) - sum(p["rejected_step_rewards"])) for p in pairs
+        ]
+    return Dataset.from_dict(columns)
+
+
+class StepPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator, also carrying the step-reward gap and the pair index."""
+
+    def torch_call(self, examples):
+        out = super().torch_call(examples)
+        for key in EXTRA_KEYS:
+            if key in examples[0]:
+                out[key] = torch.tensor([e[key] for e in examples])
+        return out
+
+
+class _Guard(TrainerCallback):
+    """Non-finite detection at the optimizer step and pre-emption, agreed by every rank."""
+
+    def __init__(self, trainer: "StepwiseDPOTrainer"):
+        self.trainer = trainer
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.trainer.accelerator.device)
+        if self.trainer.accelerator.num_processes > 1:
+            t = self.trainer.accelerator.reduce(t, reduction="sum")
+        return bool(t.item() > 0)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        bad = trainer._nonfinite_loss_seen
+        if grads and not bad:
+            bad = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        trainer._nonfinite_loss_seen = False
+        if not self._any_rank(bad):
+            self.in_a_row = 0
+            return
+        # Dropping the gradients makes the optimizer skip every parameter this step (AdamW skips
+        # grad=None), on every rank, since all ranks reached the same verdict above.
+        for p in trainer.model.parameters():
+            p.grad = None
+        self.skipped += 1
+        self.in_a_row += 1
+        ids = trainer.current_pair_ids()
+        logger.warning(
+            "step %d: non-finite loss or gradient; optimizer step skipped (%d in a row, %d total); pairs %s",
+            state.global_step + 1, self.in_a_row, self.skipped, ids,
+        )
+        if self.in_a_row >= args.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient, the last at step "
+                f"{state.global_step + 1} (pairs {ids}). Lower the learning rate, check the data, or raise "
+                f"max_nonfinite_steps."
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = args.preempt_flag_file
+        requested = _PREEMPT_SIGNAL_SEEN or bool(flag and os.path.exists(flag))
+        if self._any_rank(requested):
+            logger.warning("step %d: pre-emption requested; every rank saves a checkpoint and stops", state.global_step)
+            self.trainer.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+_PREEMPT_SIGNAL_SEEN = False
+
+
+def install_preemption_signal(signum: int = signal.SIGUSR1) -> None:
+    """Let a signal that reaches the Python process request pre-emption too (e.g. srun --signal)."""
+
+    def handler(_sig, _frame):
+        global _PREEMPT_SIGNAL_SEEN
+        _PREEMPT_SIGNAL_SEEN = True
+
+    signal.signal(signum, handler)
+
+
+class StepwiseDPOTrainer(DPOTrainer):
+    """DPOTrainer for step pairs; `args` is a StepwiseDPOConfig. See the module docstring."""
+
+    _tag_names = ["trl", "dpo", "stepdpo"]
+
+    def __init__(self, model, ref_model=None, args=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, data_collator=None, callbacks=None, **kwargs):
+        if isinstance(train_dataset, list):
+            train_dataset = pairs_to_dataset(train_dataset)
+        if isinstance(eval_dataset, list):
+            eval_dataset = pairs_to_dataset(eval_dataset)
+        if args.step_loss != "dpo" and "step_reward_gap" not in train_dataset.column_names:
+            raise ValueError(
+                f"step_loss={args.step_loss!r} needs step rewards, but the training pairs have no "
+                "chosen_step_rewards/rejected_step_rewards: score them first with `stepdpo score`, or use step_loss=dpo."
+            )
+        self._encoder_decoder = is_encoder_decoder(model)
+        self.truncation_stats: dict[str, dict] = {}
+        self._pair_ids: dict[str, list[str]] = {}
+        self._batch_pair_index = None
+        self._nonfinite_loss_seen = False
+        self.preempted = False
+        self._guard = None
+        if data_collator is None and processing_class is not None:
+            pad = processing_class.pad_token_id
+            if pad is None:
+                pad = processing_class.eos_token_id
+            data_collator = StepPreferenceCollator(pad_token_id=pad, max_length=args.max_length,
+                                                   truncation_mode=args.truncation_mode,
+                                                   pad_to_multiple_of=args.pad_to_multiple_of)
+        super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         data_collator=data_collator, callbacks=callbacks, **kwargs)
+        self._ensure_seq2seq_heads()
+        self._guard = _Guard(self)
+        self.add_callback(self._guard)
+
+    # ---------------------------------------------------------------- encoder-decoder
+    def _ensure_seq2seq_heads(self):
+        """Replace TRL's decoder-only fused head with the encoder-decoder one (idempotent)."""
+        if not self._encoder_decoder or getattr(self, "_seq2seq_patched", False):
+            return
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_seq2seq_fused_head(self.accelerator.unwrap_model(policy))
+        if self.ref_model is not None:
+            add_seq2seq_fused_head(self.accelerator.unwrap_model(self.ref_model))
+        self._seq2seq_patched = True
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._ensure_seq2seq_heads()  # TRL precomputes inside its __init__, before ours resumes
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    # ---------------------------------------------------------------- data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" in dataset.column_names:
+            return dataset
+        tokenizer = self._tokenizer
+        enc_dec = self._encoder_decoder
+
+        def tokenize(example, index):
+            tp = tokenize_pair(example, tokenizer, max_length=args.max_length, append_eos=args.append_eos,
+                               encoder_decoder=enc_dec)
+            if tp is None:
+                return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "dropped_prefix_steps": -1,
+                        "pair_index": index}
+            return {"prompt_ids": tp.prompt_ids, "chosen_ids": tp.chosen_ids, "rejected_ids": tp.rejected_ids,
+                    "dropped_prefix_steps": tp.dropped_prefix_steps, "pair_index": index}
+
+        self._pair_ids[dataset_name] = list(dataset["id"])
+        keep = {"step_reward_gap"}
+        tokenized = dataset.map(tokenize, with_indices=True, desc=f"Tokenizing {dataset_name} step pairs",
+                                remove_columns=[c for c in dataset.column_names if c not in keep])
+        dropped = tokenized["dropped_prefix_steps"]
+        stats = {
+            "pairs": len(dropped),
+            "truncated": sum(1 for d in dropped if d > 0),
+            "too_long_dropped": sum(1 for d in dropped if d < 0),
+        }
+        self.truncation_stats[dataset_name] = stats
+        if stats["truncated"] or stats["too_long_dropped"]:
+            logger.warning(
+                "%s: %d of %d pairs lost their oldest prefix steps to fit max_length=%s; %d did not fit even "
+                "without prefix steps and were dropped (raise max_length to keep them)",
+                dataset_name, stats["truncated"], stats["pairs"], args.max_length, stats["too_long_dropped"],
+            )
+        if stats["too_long_dropped"]:
+            tokenized = tokenized.filter(lambda e: e["dropped_prefix_steps"] >= 0)
+            if len(tokenized) == 0:
+                raise ValueError(f"{dataset_name}: no pair fits max_length={args.max_length}")
+        return tokenized.remove_columns(["dropped_prefix_steps"])
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for key in EXTRA_KEYS:
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
+
+    def current_pair_ids(self) -> list[str]:
+        if self._batch_pair_index is None:
+            return []
+        ids = self._pair_ids.get("train", [])
+        return [ids[i] for i in self._batch_pair_index.tolist() if i < len(ids)]
+
+    # ---------------------------------------------------------------- loss
+    def compute_ref_log_probs(self, model, inputs):
+        inputs = {k: v for k, v in inputs.items() if k not in EXTRA_KEYS}
+        return super().compute_ref_log_probs(model, inputs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        inputs = dict(inputs)
+        extras = {k: inputs.pop(k) for k in EXTRA_KEYS if k in inputs}
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            self._batch_pair_index = extras.get("pair_index")
+        if self.args.step_loss == "dpo":
+            result = super()._compute_loss(model, inputs, return_outputs)
+        else:
+            result = self._stepwise_loss(model, inputs, extras["step_reward_gap"], mode)
+        self._log_step_metrics(extras, mode)
+        loss = result[0] if isinstance(result, tuple) else result
+        if mode == "train" and not torch.isfinite(loss.detach()).all():
+            self._nonfinite_loss_seen = True
+        return result
+
+    def _sequence_logps(self, model, inputs):
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = completion_mask.size(1) - 1
+        return outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+
+    def _stepwise_loss(self, model, inputs, reward_gap, mode):
+        args = self.args
+        chosen, rejected = self._sequence_logps(model, inputs)
+        gap = reward_gap.to(chosen.device, chosen.dtype)
+        if args.step_loss == "seed":
+            per_pair = losses.seed_loss(chosen, rejected, gap)
+            chosen_rewards, rejected_rewards = chosen.detach(), rejected.detach()
+        else:
+            if self.precompute_ref_logps:
+                ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_c, ref_r = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
+            ref_c, ref_r = ref_c.to(chosen), ref_r.to(chosen)
+            delta = (chosen - ref_c) - (rejected - ref_r)
+            if args.step_loss == "step_weighted":
+                per_pair = losses.step_weighted_loss(delta, gap, args.beta, args.step_weight_fn, args.step_reward_gamma)
+            else:
+                per_pair = losses.step_margin_loss(delta, gap, args.beta, args.step_reward_gamma)
+            chosen_rewards = args.beta * (chosen - ref_c).detach()
+            rejected_rewards = args.beta * (rejected - ref_r).detach()
+        loss = per_pair.mean()
+        gather = self.accelerator.gather_for_metrics
+        m = self._metrics[mode]
+        c, r = gather(chosen_rewards), gather(rejected_rewards)
+        m["rewards/chosen"].append(c.mean().item())
+        m["rewards/rejected"].append(r.mean().item())
+        m["rewards/accuracies"].append((c > r).float().mean().item())
+        m["rewards/margins"].append((c - r).mean().item())
+        m["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        m["logps/rejected"].append(gather(rejected.detach()).mean().item())
+        return loss
+
+    def _log_step_metrics(self, extras, mode):
+        m = self._metrics[mode]
+        gap = extras.get("step_reward_gap")
+        if gap is not None:
+            m["step_reward_gap"].append(self.accelerator.gather_for_metrics(gap.float()).mean().item())
+        stats = self.truncation_stats.get("train" if mode == "train" else "eval", {})
+        m["truncated_pairs"] = [stats.get("truncated", 0)]
+        m["too_long_dropped_pairs"] = [stats.get("too_long_dropped", 0)]
+        m["skipped_steps"] = [self._guard.skipped if self._guard else 0]
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if not math.isfinite(float(loss)):
+            self._nonfinite_loss_seen = True
+        return loss

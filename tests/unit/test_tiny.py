@@ -1,0 +1,53 @@
+"""Tiny models load through the real from_pretrained path, run, and are byte-identical per seed."""
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from stepdpo.tiny import build_tiny_model
+
+TEXT = "Start with 12. Add 5, then subtract 3. 12 + 5 = 17\n17 - 3 = 14\nThe answer is 14."
+
+
+def test_t5(tiny_t5):
+    tok = AutoTokenizer.from_pretrained(tiny_t5)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    # flan-t5 is T5 v1.1: gated-gelu, no decoder-output scaling (transformers 5 marks v1.1 this way)
+    assert model.config.feed_forward_proj == "gated-gelu" and model.config.scale_decoder_outputs is False
+    ids = tok(TEXT, return_tensors="pt")
+    out = model(**ids, labels=tok("14", return_tensors="pt").input_ids)
+    assert torch.isfinite(out.loss)
+    assert tok.decode(ids.input_ids[0], skip_special_tokens=True) == TEXT
+
+
+def test_mistral(tiny_mistral):
+    tok = AutoTokenizer.from_pretrained(tiny_mistral)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    cfg = model.config
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert cfg.head_dim >= 32 and cfg.num_key_value_heads < cfg.num_attention_heads
+    ids = tok(TEXT, return_tensors="pt")
+    assert ids.input_ids[0, 0] == tok.bos_token_id
+    logits = model(**ids).logits
+    assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()
+    assert tok.decode(ids.input_ids[0], skip_special_tokens=True) == TEXT
+
+
+@pytest.mark.parametrize("text", ["0 + 0 = 0", "999 * 12 = 11988", "-7 - -3 = -4", "  1.5 / 0.25 = 6\n\n"])
+def test_round_trip(tiny_mistral, text):
+    tok = AutoTokenizer.from_pretrained(tiny_mistral)
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+
+def test_same_seed_same_bytes(tmp_path):
+    def digest(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+    a = build_tiny_model("mistral", tmp_path / "a", seed=1)
+    b = build_tiny_model("mistral", tmp_path / "b", seed=1)
+    c = build_tiny_model("mistral", tmp_path / "c", seed=2)
+    assert digest(a) == digest(b)
+    assert digest(a)["model.safetensors"] != digest(c)["model.safetensors"]
