@@ -74,7 +74,8 @@ if [[ -n $API_KEY_FILE ]]; then
 fi
 export VLLM_NO_USAGE_STATS=1
 
-"$PY" -m vllm.entrypoints.openai.api_server "${ARGS[@]}" "${EXTRA[@]}" &
+# vLLM logs go to stderr: stdout carries only the URL, for scripts that read it.
+"$PY" -m vllm.entrypoints.openai.api_server "${ARGS[@]}" "${EXTRA[@]}" 1>&2 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true' INT TERM
 URL="http://$HOST:$PORT"

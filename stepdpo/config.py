@@ -86,4 +86,14 @@ class StepwiseDPOConfig(DPOConfig):
             raise ValueError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
         if self.load_in_4bit:
             self.use_lora = True
+        if self.bf16 is None and (self.use_cpu or not _has_accelerator()):
+            # TRL turns bf16 autocast on by default, even on CPU. On CPU stepdpo trains in fp32 unless
+            # asked: exact, reproducible (resume == uninterrupted run) and no slower at tiny sizes.
+            self.bf16 = False
         super().__post_init__()
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())

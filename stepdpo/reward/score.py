@@ -117,7 +117,7 @@ def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend:
     remaining = set(missing)
 
     def record(items: list[tuple[Substep, float]]):
-        keyed = [(spec.key(s), float(v)) for s, v in items]
+        keyed = list({spec.key(s): float(v) for s, v in items}.items())  # a pass may repeat a prefix step
         cache.put_many(keyed)
         new = sum(1 for k, _ in keyed if k in remaining)
         remaining.difference_update(k for k, _ in keyed)

@@ -1,0 +1,80 @@
+"""Real servers for the integration tests, started by the tests and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_available() -> bool:
+    return VLLM_PYTHON.exists()
+
+
+class VLLMServer:
+    """launch/serve_reward.sh in its own process group; `url` once healthy."""
+
+    def __init__(self, model: Path, method: str, log: Path, port: int | None = None):
+        self.model, self.method, self.log = model, method, log
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "VLLMServer":
+        env = dict(os.environ, VLLM_PYTHON=str(VLLM_PYTHON), HEALTH_TIMEOUT="300")
+        env.pop("HF_HUB_OFFLINE", None)  # vLLM checks the hub for local dirs too; it is offline anyway
+        env["HF_HUB_OFFLINE"] = "1"
+        self._log = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            ["bash", str(REPO / "launch" / "serve_reward.sh"), str(self.model), "--cpu", "--method", self.method,
+             "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=self._log, env=env, start_new_session=True,
+        )
+        return self
+
+    def wait(self, timeout: float = 330) -> "VLLMServer":
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline().decode().strip()  # the script prints the URL once healthy
+        if line != self.url:
+            self.stop()
+            raise RuntimeError(f"vLLM ({self.method}) did not come up: {line!r}; see {self.log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("vLLM start took too long")
+        return self
+
+    def kill(self) -> None:
+        """Hard kill, as a crash would (the whole process group)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        _wait_port_free(self.port)
+
+
+def _wait_port_free(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)

@@ -1,0 +1,211 @@
+"""StepwiseDPOTrainer on real tiny models: TRL equivalence, T5, step losses, resume, guards."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdpo.config import StepwiseDPOConfig
+from stepdpo.data.pairs import read_pairs, render_pair, write_jsonl
+from stepdpo.train.run import build_trainer, train
+from stepdpo.train.trainer import NonFiniteError, StepwiseDPOTrainer
+
+LN2 = math.log(2)
+
+
+def config(tmp_path: Path, model: Path, pairs: Path, **kw) -> StepwiseDPOConfig:
+    base = dict(
+        output_dir=str(tmp_path / "run"), model_name_or_path=str(model), train_pairs=str(pairs), beta=0.1,
+        learning_rate=1e-3, lr_scheduler_type="linear", max_steps=3, per_device_train_batch_size=4,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        gradient_checkpointing=False, resume="never", disable_tqdm=True, dataloader_drop_last=True,
+    )
+    base.update(kw)
+    return StepwiseDPOConfig(**base)
+
+
+def losses(history) -> list[float]:
+    return [h["loss"] for h in history if "loss" in h and "train_loss" not in h]
+
+
+@pytest.fixture(scope="module")
+def scored_pairs(synth_pairs, tmp_path_factory):
+    """Training pairs with step rewards that favour the chosen side (as labels would)."""
+    pairs = read_pairs(synth_pairs / "train" / "pairs.jsonl")[:64]
+    for i, p in enumerate(pairs):
+        p["chosen_step_rewards"] = [0.8 + 0.001 * i for _ in p["chosen_steps"]]
+        p["rejected_step_rewards"] = [0.3 for _ in p["rejected_steps"]]
+    path = tmp_path_factory.mktemp("scored") / "pairs.jsonl"
+    write_jsonl(path, pairs)
+    return path
+
+
+def test_dpo_mode_equals_trl(tiny_mistral, synth_pairs, tmp_path):
+    """step_loss=dpo + append_eos on a decoder-only model: the same losses as trl.DPOTrainer."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    pairs_path = synth_pairs / "train" / "pairs.jsonl"
+    pairs = read_pairs(pairs_path)[:48]
+    write_jsonl(tmp_path / "p.jsonl", pairs)
+    common = dict(beta=0.1, learning_rate=1e-3, max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                  save_strategy="no", report_to="none", use_cpu=True, seed=0, gradient_checkpointing=False,
+                  disable_tqdm=True, lr_scheduler_type="linear", bf16=False)
+    rows = [render_pair(p) for p in pairs]
+    ds = Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows],
+                            "rejected": [r[2] for r in rows]})
+    tok = AutoTokenizer.from_pretrained(tiny_mistral)
+    trl_trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_mistral), args=DPOConfig(
+        output_dir=str(tmp_path / "trl"), **common), train_dataset=ds, processing_class=tok)
+    trl_trainer.train()
+    ours = build_trainer(StepwiseDPOConfig(output_dir=str(tmp_path / "ours"), model_name_or_path=str(tiny_mistral),
+                                           train_pairs=str(tmp_path / "p.jsonl"), append_eos=True, **common))
+    ours.train()
+    a, b = losses(trl_trainer.state.log_history), losses(ours.state.log_history)
+    assert len(a) == len(b) == 3
+    assert b[0] == pytest.approx(LN2, abs=1e-6)
+    assert b == pytest.approx(a, abs=1e-5)
+    assert b[1] != pytest.approx(LN2, abs=1e-4)  # it does train
+
+
+def test_no_eos_by_default(tiny_mistral, synth_pairs, tmp_path):
+    trainer = build_trainer(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", max_steps=1))
+    eos = trainer.processing_class.eos_token_id
+    row = trainer.train_dataset[0]
+    assert row["chosen_ids"] and eos not in row["chosen_ids"] and eos not in row["rejected_ids"]
+
+
+def test_t5_trains_with_the_same_trainer(tiny_t5, synth_pairs, tmp_path):
+    cfg = config(tmp_path, tiny_t5, synth_pairs / "train" / "pairs.jsonl", max_steps=40, per_device_train_batch_size=8,
+                 lr_scheduler_type="constant")
+    summary = train(cfg)
+    got = losses(summary["log_history"])
+    assert got[0] == pytest.approx(LN2, abs=1e-6)
+    assert sum(got[-10:]) / 10 < sum(got[:10]) / 10 - 0.05
+    assert (Path(cfg.output_dir) / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["step_weighted", "step_margin", "seed"])
+def test_step_reward_losses(mode, tiny_mistral, scored_pairs, tmp_path):
+    summary = train(config(tmp_path, tiny_mistral, scored_pairs, step_loss=mode, max_steps=16,
+                           per_device_train_batch_size=8, lr_scheduler_type="constant"))
+    got = losses(summary["log_history"])
+    assert all(math.isfinite(x) for x in got)
+    gaps = [h["step_reward_gap"] for h in summary["log_history"] if "step_reward_gap" in h]
+    assert gaps and all(0.45 < g < 0.6 for g in gaps)
+    if mode == "step_weighted":  # 2*sigmoid(~0.53) ~ 1.26 times ln 2 at the first step
+        assert got[0] == pytest.approx(2 / (1 + math.exp(-gaps[0])) * LN2, rel=0.02)
+    if mode == "step_margin":  # -log sigmoid(-gap) at the first step
+        assert got[0] == pytest.approx(-math.log(1 / (1 + math.exp(gaps[0]))), rel=0.02)
+    assert sum(got[-4:]) < sum(got[:4])
+
+
+def test_step_losses_need_rewards(tiny_mistral, synth_pairs, tmp_path):
+    from stepdpo.data.pairs import PairFileError
+
+    with pytest.raises(PairFileError, match="stepdpo score"):
+        build_trainer(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", step_loss="seed"))
+
+
+def test_precomputed_reference_matches_live(tiny_mistral, synth_pairs, tmp_path):
+    pairs = synth_pairs / "train" / "pairs.jsonl"
+    live = train(config(tmp_path / "a", tiny_mistral, pairs))
+    pre = train(config(tmp_path / "b", tiny_mistral, pairs, precompute_ref_log_probs=True))
+    assert losses(pre["log_history"]) == pytest.approx(losses(live["log_history"]), abs=1e-5)
+
+
+def test_lora_reference_is_the_disabled_adapter(tiny_mistral, synth_pairs, tmp_path):
+    summary = train(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", use_lora=True, lora_r=4,
+                           max_steps=3))
+    assert losses(summary["log_history"])[0] == pytest.approx(LN2, abs=1e-6)
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_mistral, synth_pairs, tmp_path):
+    """3 steps, pre-emption (flag file), resume, 3 more == 6 uninterrupted steps: losses and weights."""
+    from transformers import TrainerCallback
+
+    pairs = synth_pairs / "train" / "pairs.jsonl"
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, resume="auto")
+    full = train(config(tmp_path / "full", tiny_mistral, pairs, **kw))
+
+    flag = tmp_path / "preempt.flag"
+
+    class FlagAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step == 3:
+                flag.write_text("stop")
+
+    class Interrupted(StepwiseDPOTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            # callbacks run in order: the flag must exist before the guard looks for it at step 3
+            self.callback_handler.callbacks.insert(0, FlagAt3())
+
+    cfg = config(tmp_path / "split", tiny_mistral, pairs, preempt_flag_file=str(flag), **kw)
+    first = train(cfg, trainer_cls=Interrupted)
+    assert first["preempted"] and first["global_step"] == 3
+    ckpt = tmp_path / "split" / "run" / "checkpoint-3"
+    assert (ckpt / "COMPLETED").is_file()
+    # an incomplete later checkpoint (crash mid-save) must be ignored
+    (tmp_path / "split" / "run" / "checkpoint-5").mkdir()
+    flag.unlink()
+    second = train(cfg)
+    assert second["resumed_from"].endswith("checkpoint-3") and second["global_step"] == 6
+    split_losses = losses(first["log_history"])[:3] + losses(second["log_history"])[3:]
+    assert split_losses == pytest.approx(losses(full["log_history"]), abs=1e-6)
+    w_full = load_file(tmp_path / "full" / "run" / "final" / "model.safetensors")
+    w_split = load_file(tmp_path / "split" / "run" / "final" / "model.safetensors")
+    assert all(torch.allclose(w_full[k], w_split[k], atol=1e-6) for k in w_full)
+
+
+class NaNAt(StepwiseDPOTrainer):
+    """Makes the loss of chosen optimizer steps NaN (1-based global step numbers)."""
+
+    nan_steps: set = set()
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        loss = super()._compute_loss(model, inputs, return_outputs)
+        if self.state.global_step + 1 in self.nan_steps:
+            loss = loss * float("nan")
+        return loss
+
+
+def test_nonfinite_step_is_skipped(tiny_mistral, synth_pairs, tmp_path):
+    class Once(NaNAt):
+        nan_steps = {2}
+
+    cfg = config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", max_steps=3, max_nonfinite_steps=2)
+    trainer = build_trainer(cfg, trainer_cls=Once)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    snapshots = []
+
+    from transformers import TrainerCallback
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, **k):
+            snapshots.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+    trainer.add_callback(Snap())
+    trainer.train()
+    assert trainer._guard.skipped == 1
+    changed = lambda a, b: any(not torch.equal(a[n], b[n]) for n in a)  # noqa: E731
+    assert changed(before, snapshots[0])
+    assert not changed(snapshots[0], snapshots[1])  # step 2 skipped: no update at all
+    assert changed(snapshots[1], snapshots[2])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_nonfinite_in_a_row_aborts(tiny_mistral, synth_pairs, tmp_path):
+    class Always(NaNAt):
+        nan_steps = {2, 3, 4, 5}
+
+    cfg = config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", max_steps=6, max_nonfinite_steps=2)
+    trainer = build_trainer(cfg, trainer_cls=Always)
+    with pytest.raises(NonFiniteError, match=r"2 optimizer steps in a row .* at step 3 \(pairs \['"):
+        trainer.train()

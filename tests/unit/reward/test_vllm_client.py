@@ -1,0 +1,172 @@
+"""The vLLM client against a small real HTTP server on 127.0.0.1 that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from stepdpo.reward.vllm import (BadRequest, MalformedResponse, RetryBudgetExhausted, ServerUnreachable,
+                                 VLLMClient)
+
+
+class Script:
+    """What the fake server answers, request after request."""
+
+    def __init__(self):
+        self.answers = []  # list of (status, body) or "hang"
+        self.default = (200, None)
+        self.seen = []
+        self.lock = threading.Lock()
+
+    def next(self):
+        with self.lock:
+            return self.answers.pop(0) if self.answers else self.default
+
+
+def completions_body(payload):
+    choices = []
+    for i, prompt in enumerate(payload["prompt"]):
+        logprobs = [None] + [{str(t): {"logprob": -0.5 - 0.01 * t, "rank": 1}} for t in prompt[1:]]
+        choices.append({"index": i, "prompt_logprobs": logprobs})
+    return {"choices": list(reversed(choices))}  # out of order on purpose: the client must reassemble
+
+
+def _serve(script: Script):
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _answer(self, payload):
+            script.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "payload": payload})
+            answer = script.next()
+            if answer == "hang":
+                time.sleep(3)
+                return
+            status, body = answer
+            if body is None and payload is not None:
+                body = completions_body(payload)
+            raw = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            self._answer(None)
+
+        def do_POST(self):
+            n = int(self.headers.get("Content-Length", 0))
+            self._answer(json.loads(self.rfile.read(n)))
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    script.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    return httpd
+
+
+@pytest.fixture
+def make_server():
+    started = []
+
+    def make() -> Script:
+        script = Script()
+        started.append(_serve(script))
+        return script
+
+    yield make
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+def client(url, **kw):
+    kw.setdefault("backoff", 0.01)
+    return VLLMClient([url] if isinstance(url, str) else url, "m", **kw)
+
+
+def test_503_then_200_is_retried(server):
+    server.answers = [(503, {"error": "busy"}), (429, {"error": "slow down"})]
+    c = client(server.url)
+    assert c.last_token_logprobs(server.url, [[1, 2, 3]]) == [pytest.approx(-0.53)]
+    assert c.retries == 2 and c.requests_sent == 3
+
+
+def test_hanging_route_times_out_and_spends_the_budget(server):
+    server.answers = ["hang", "hang"]
+    c = client(server.url, read_timeout=0.3, max_retries=1)
+    start = time.monotonic()
+    with pytest.raises(RetryBudgetExhausted, match=server.url.replace(".", r"\.")):
+        c.last_token_logprobs(server.url, [[1, 2]])
+    assert time.monotonic() - start < 2.5
+
+
+def test_garbage_json_is_a_typed_error(server):
+    server.answers = [(200, b"<html>not json")]
+    with pytest.raises(MalformedResponse, match="not JSON"):
+        client(server.url).last_token_logprobs(server.url, [[1, 2]])
+
+
+def test_wrong_shape_is_a_typed_error_not_a_keyerror(server):
+    server.answers = [(200, {"choices": [{"index": 0, "text": "x"}]})]
+    with pytest.raises(MalformedResponse, match="unexpected answer shape"):
+        client(server.url).last_token_logprobs(server.url, [[1, 2]])
+    server.answers = [(200, {"data": [{"index": 0}]})]
+    with pytest.raises(MalformedResponse):
+        client(server.url).step_pooling(server.url, [[1, 2]])
+
+
+def test_client_errors_are_not_retried(server):
+    server.answers = [(400, {"error": "bad"})]
+    c = client(server.url)
+    with pytest.raises(BadRequest, match="HTTP 400"):
+        c.last_token_logprobs(server.url, [[1, 2]])
+    assert c.requests_sent == 1
+
+
+def test_unreachable_url_fails_within_seconds():
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(ServerUnreachable, match=f"127.0.0.1:{port}"):
+        client(url).last_token_logprobs(url, [[1, 2]])
+    with pytest.raises(ServerUnreachable, match="not healthy"):
+        client(url).wait_healthy(deadline_s=0.5, poll_s=0.1)
+    assert time.monotonic() - start < 5
+
+
+def test_health_wait_sees_a_server_become_ready(server):
+    server.answers = [(503, {}), (503, {})]
+    client(server.url).wait_healthy(deadline_s=5, poll_s=0.05)
+    assert [s["path"] for s in server.seen] == ["/health"] * 3
+
+
+def test_api_key_is_a_header_and_not_in_repr(server):
+    c = client(server.url, api_key="sk-secret-123")
+    c.last_token_logprobs(server.url, [[1, 2]])
+    assert server.seen[0]["auth"] == "Bearer sk-secret-123"
+    assert "sk-secret" not in repr(c)
+
+
+def test_batches_are_sharded_and_reassembled_in_order(make_server):
+    a, b = make_server(), make_server()
+    c = client([a.url, b.url], concurrency=3)
+    batches = [[[1, 10 + i, 20 + i]] for i in range(12)]
+    finished = []
+    out = c.map_batches(batches, c.last_token_logprobs, on_result=lambda i, r: finished.append(i))
+    assert out == [[pytest.approx(-0.5 - 0.01 * (20 + i))] for i in range(12)]
+    assert sorted(finished) == list(range(12))
+    assert len(a.seen) == len(b.seen) == 6  # round-robin over the replicas
