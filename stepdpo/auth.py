@@ -154,3 +154,43 @@ def _unauthorized(repo_id: str, token: Token) -> str:
         f"{repo_id}: authentication required (401) and no token was found. Set HF_TOKEN, run `hf auth login`, "
         "or pass --hf-token-file.",
     )
+
+
+def _recipe_fields(argv: list[str]) -> dict:
+    """model/dataset/token-file settings from `--config R.yaml` and `--field value` overrides."""
+    import yaml
+
+    fields: dict = {}
+    args = list(argv)
+    if "--config" in args:
+        with open(args[args.index("--config") + 1], encoding="utf-8") as f:
+            fields.update(yaml.safe_load(f) or {})
+    for key in ("model_name_or_path", "model_revision", "hf_token_file", "hub_dataset"):
+        flag = f"--{key}"
+        if flag in args and args.index(flag) + 1 < len(args):
+            fields[key] = args[args.index(flag) + 1]
+    return fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Preflight for launch/train.sh: `python -m stepdpo.auth --config R.yaml [overrides]`."""
+    import sys
+
+    fields = _recipe_fields(sys.argv[1:] if argv is None else argv)
+    model = fields.get("model_name_or_path")
+    if not model:
+        print("stepdpo preflight: no model_name_or_path in the recipe or the overrides", file=sys.stderr)
+        return 2
+    try:
+        token = resolve_token(fields.get("hf_token_file"))
+        print(f"[preflight] {preflight(model, token, revision=fields.get('model_revision'))}", file=sys.stderr)
+        if fields.get("hub_dataset"):
+            print(f"[preflight] {preflight(fields['hub_dataset'], token, repo_type='dataset')}", file=sys.stderr)
+    except AuthError as e:
+        print(f"stepdpo preflight: {e.kind}: {mask(str(e))}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -174,8 +174,19 @@ class StepwiseDPOTrainer(DPOTrainer):
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
         self._ensure_seq2seq_heads()
+        self._keep_fp32_adapters(args)
         self._guard = _Guard(self)
         self.add_callback(self._guard)
+
+    def _keep_fp32_adapters(self, args):
+        """TRL casts QLoRA adapters to bf16 (the QLoRA paper's choice for bf16 compute). With fp32 compute
+        (CPU, or when asked) that only loses precision, and the saved adapter would not reproduce the
+        trained logits, so the adapters go back to fp32."""
+        if not getattr(self.model, "is_loaded_in_4bit", False) or getattr(args, "bnb_4bit_compute_dtype", None) != "float32":
+            return
+        for p in self.model.parameters():
+            if p.requires_grad and p.dtype == torch.bfloat16:
+                p.data = p.data.float()
 
     # ---------------------------------------------------------------- encoder-decoder
     def _ensure_seq2seq_heads(self):

@@ -1,0 +1,43 @@
+"""Test driver run by every rank under launch/train.sh --entry: trains with stepdpo, then records what
+the tests check from outside: how a weight is partitioned on this rank, and the trained model's
+logits on a fixed probe input (every rank joins the forward, as ZeRO-3 needs; rank 0 writes them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from stepdpo.train.run import parse_config, train
+from stepdpo.train.trainer import StepwiseDPOTrainer
+
+PROBE = "Problem: Start with 3. Add 4.\nSolution:\n3 + 4 = 7"
+
+
+class ProbeTrainer(StepwiseDPOTrainer):
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        rank = int(os.environ.get("RANK", "0"))
+        target = Path(self.args.output_dir)
+        info = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+        for name, p in self.model.named_parameters():
+            if "layers.0.self_attn.q_proj" in name and name.endswith("weight") and "lora" not in name:
+                info.update(name=name, numel=p.numel(), ds_numel=getattr(p, "ds_numel", None),
+                            shard_numel=p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None)
+                break
+        (target / f"partition_rank{rank}.json").write_text(json.dumps(info))
+        ids = self.processing_class(PROBE, return_tensors="pt")
+        model = self.model_wrapped
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits
+        if rank == 0:
+            torch.save(logits.float().cpu(), target / "probe_logits.pt")
+        return out
+
+
+if __name__ == "__main__":
+    train(parse_config(sys.argv[1:]), trainer_cls=ProbeTrainer)
