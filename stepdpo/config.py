@@ -67,6 +67,14 @@ class StepwiseDPOConfig(DPOConfig):
         default=False, metadata={"help": "QLoRA: load the base in bitsandbytes 4-bit (nf4, double quant); implies use_lora."}
     )
     bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "4-bit compute dtype: bfloat16 or float32."})
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata={"help": "Storage dtype of the packed 4-bit weights; default: model_dtype (ZeRO-3 requires them equal)."},
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata={"help": "transformers device_map for single-process runs (e.g. auto); never with DeepSpeed ZeRO-3."},
+    )
     hf_token_file: str | None = field(
         default=None, metadata={"help": "File holding a Hugging Face token (else HF_TOKEN, else the standard token file)."}
     )

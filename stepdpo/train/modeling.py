@@ -30,12 +30,19 @@ def zero_stage(training_args) -> int:
     return 0
 
 
-def check_compatibility(args, model_config, *, device_map=None) -> None:
+def check_compatibility(args, model_config) -> None:
     stage = zero_stage(args)
-    if stage == 3 and device_map is not None:
+    if stage == 3 and args.device_map is not None:
         raise ModelConfigError(
             "DeepSpeed ZeRO-3 is not compatible with a device_map: ZeRO-3 places and shards the weights itself. "
             "Remove device_map (stepdpo never sets one under DeepSpeed)."
+        )
+    storage = args.bnb_4bit_quant_storage
+    if args.load_in_4bit and stage == 3 and storage is not None and storage != args.model_dtype:
+        raise ModelConfigError(
+            f"bnb_4bit_quant_storage={storage} differs from model_dtype={args.model_dtype}: ZeRO-3 shards the packed "
+            "4-bit weights only when they are stored in the model dtype. Remove bnb_4bit_quant_storage (it then "
+            "follows model_dtype) or set it to the model dtype."
         )
     quant = getattr(model_config, "quantization_config", None)
     method = (quant or {}).get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
@@ -64,7 +71,7 @@ def quantization_config(args):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=DTYPES[args.bnb_4bit_compute_dtype],
-        bnb_4bit_quant_storage=DTYPES[args.model_dtype],
+        bnb_4bit_quant_storage=DTYPES[args.bnb_4bit_quant_storage or args.model_dtype],
     )
 
 
@@ -106,7 +113,8 @@ def load_model(args, token: str | None = None, for_training: bool = True):
     quant = quantization_config(args)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        # Never a device_map under ZeRO-3 (checked above); on one device bitsandbytes needs none either.
+    if args.device_map is not None:  # refused under ZeRO-3 by check_compatibility
+        kwargs["device_map"] = args.device_map
     model = cls.from_pretrained(name, **kwargs)
     if quant is not None and for_training:
         from peft import prepare_model_for_kbit_training

@@ -1,0 +1,134 @@
+"""Hugging Face auth: a local HTTP server stands in for the hub (HF_ENDPOINT). The preflight tells the
+failures apart and stops launch/train.sh before any worker starts; the token never leaks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import REPO, child_env
+from tests.integration.servers import free_port
+
+pytestmark = pytest.mark.integration
+FAKE = "hf_FakeTokenAbCdEf0123456789xyz"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    seen = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            auth = self.headers.get("Authorization", "")
+            seen.append((self.path, auth))
+            repo = self.path.removeprefix("/api/models/").removesuffix("/auth-check")
+            if repo == "acme/open":
+                return self._send(200, {})
+            if repo == "acme/gated":
+                # the hub answers 401 without a token and 403 with one that has not accepted the licence
+                return self._send(403 if auth else 401, {"error": "Access to model acme/gated is restricted."},
+                                  "GatedRepo")
+            if repo == "acme/private":
+                return self._send(401, {"error": "Invalid credentials in Authorization header"})
+            return self._send(404, {"error": "Repository not found"}, "RepoNotFound")
+
+        def _send(self, status, body, code=None):
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+                self.send_header("X-Error-Message", body["error"])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield {"url": f"http://127.0.0.1:{httpd.server_address[1]}", "seen": seen}
+    httpd.shutdown()
+
+
+def launch(model, hub_url, tmp_path, token=FAKE, extra_env=None):
+    recipe = REPO / "configs" / "recipes" / "tiny" / "mistral_cpu.yaml"
+    env = child_env(**{"HF_ENDPOINT": hub_url, "HF_HUB_OFFLINE": "0", "HF_HOME": tmp_path / "hf_home",
+                       **(extra_env or {})})
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run(["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu", "--config", str(recipe),
+                           "--", "--model_name_or_path", model, "--output_dir", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.mark.parametrize("model, token, kind, words", [
+    ("acme/gated", FAKE, "gated", ["accept the licence at", "/acme/gated", "HF_TOKEN"]),
+    ("acme/gated", None, "no_token", ["no Hugging Face token was found", "HF_TOKEN"]),
+    ("acme/private", FAKE, "bad_token", ["rejected (401)", "invalid or expired"]),
+    ("acme/missing", FAKE, "not_found", ["not found on http://127.0.0.1"]),
+])
+def test_preflight_failures_stop_before_any_worker(model, token, kind, words, hub, tmp_path):
+    res = launch(model, hub["url"], tmp_path, token=token)
+    out = res.stdout + res.stderr
+    assert res.returncode == 3, out
+    assert f"stepdpo preflight: {kind}:" in out
+    for w in words:
+        assert w in out
+    assert "[train.sh] mode=" not in out and "accelerate" not in out.lower()  # no worker was started
+    assert not (tmp_path / "out").exists()
+    assert FAKE not in out
+
+
+def test_token_is_sent_to_the_hub_as_a_header(hub, tmp_path):
+    launch("acme/gated", hub["url"], tmp_path)
+    assert ("/api/models/acme/gated/auth-check", f"Bearer {FAKE}") in hub["seen"]
+
+
+def test_unreachable_hub(tmp_path):
+    res = launch("acme/open", f"http://127.0.0.1:{free_port()}", tmp_path)
+    assert res.returncode == 3 and "unreachable" in res.stderr and FAKE not in res.stderr
+
+
+def test_offline_without_cache(tmp_path):
+    res = launch("acme/open", "http://127.0.0.1:9", tmp_path, extra_env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 3 and "offline_not_cached" in res.stderr and "HF_HUB_OFFLINE=1" in res.stderr
+
+
+def test_accessible_repo_passes(hub, tmp_path):
+    import sys
+
+    env = child_env(HF_ENDPOINT=hub["url"], HF_HUB_OFFLINE="0", HF_TOKEN=FAKE, HF_HOME=tmp_path)
+    res = subprocess.run([sys.executable, "-m", "stepdpo.auth", "--model_name_or_path", "acme/open"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "acme/open: accessible with token from HF_TOKEN" in res.stderr
+    assert FAKE not in res.stderr
+
+
+def test_token_never_reaches_argv_logs_or_files(tiny_mistral, synth_pairs, tmp_path):
+    """A real (local) training run with a token in the environment and a token file: the token is in no
+    output, no file of the run directory, and not in the launch command line."""
+    token_file = tmp_path / "token"
+    token_file.write_text(FAKE + "\n")
+    recipe = REPO / "configs" / "recipes" / "tiny" / "mistral_cpu.yaml"
+    out_dir = tmp_path / "run"
+    args = ["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu", "--config", str(recipe), "--hf-token-file",
+            str(token_file), "--", "--model_name_or_path", str(tiny_mistral), "--train_pairs",
+            str(synth_pairs / "train" / "pairs.jsonl"), "--output_dir", str(out_dir), "--max_steps", "2",
+            "--save_strategy", "steps", "--save_steps", "1"]
+    env = child_env(HF_TOKEN=FAKE, MAIN_PORT=free_port())
+    dry = subprocess.run(args[:2] + ["--dry-run"] + args[2:], env=env, capture_output=True, text=True, check=True)
+    assert "--hf_token_file" in dry.stdout and FAKE not in dry.stdout
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert FAKE not in res.stdout + res.stderr
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in files) and any(p.name == "trainer_state.json" for p in files)
+    for p in files:
+        assert FAKE.encode() not in p.read_bytes(), p
