@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Submit the whole pipeline to SLURM, chained with --dependency=afterok, and print the job ids:
+#   prepare -> score (waits for the reward server's URL; stops the server when done) -> train -> eval
+#   reward server: starts at once (loading a 7B model takes minutes), stops when scoring ends
+#
+#   slurm/pipeline.sh --run-dir runs/mistral7b --input prm800k/phase2_train.jsonl \
+#       --model mistralai/Mistral-7B-v0.1 --reward-model peiyi9979/math-shepherd-mistral-7b-prm --method prm \
+#       --recipe configs/recipes/mistral-7b/qlora_zero3.yaml --nodes 2 --gpus-per-node 8 \
+#       --partition gpu --account myproj --env venv:/opt/venvs/stepdpo --vllm-env venv:/opt/venvs/vllm
+#
+# Required: --run-dir DIR, --input FILE (repeatable), --model POLICY, --reward-model RM, --recipe YAML
+# Data:       --format prm800k|step-dpo|steps|trl (prm800k), --test-fraction F (0.1), --seed S (0)
+# Scoring:    --method judge|prm (judge), --reward-replicas R (1), --reward-gpus G (= --gpus-per-node),
+#             --serve-args "..." (extra launch/serve_reward.sh args, e.g. "--tp 8 --dtype bfloat16"),
+#             --api-key-file F
+# Training:   --mode zero3|zero2|zero3-offload|ddp|cpu-ddp (zero3), --nodes N (1), --gpus-per-node G (8),
+#             --train-args "..." (stepdpo train overrides), --hf-token-file F
+# Cluster:    --partition P, --account A, --qos Q, --reward-partition P (= --partition),
+#             --time-prepare, --time-reward, --time-score, --time-train, --time-eval (HH:MM:SS)
+# Environment (every job): --env venv:PATH | conda:NAME | cmd:"shell code" | container:IMAGE (pyxis)
+#             --vllm-env the same forms, for the reward server (default: the repo's .venv-vllm)
+# Other:      --cpu (a CPU-only cluster: no GPUs requested, cpu-ddp training, vLLM CPU; what the tests use)
+#             --dry-run (print the exact sbatch commands, submit nothing), -h|--help
+set -euo pipefail
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "pipeline.sh: $*" >&2; exit 2; }
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+RUN_DIR=""; INPUTS=(); MODEL=""; RM=""; RECIPE=""; FORMAT=prm800k; TEST_FRACTION=0.1; SEED=0
+METHOD=judge; REPLICAS=1; REWARD_GPUS=""; SERVE_ARGS=""; API_KEY_FILE=""
+MODE=zero3; NODES=1; GPUS=8; TRAIN_ARGS=""; TOKEN_FILE=""
+PARTITION=""; ACCOUNT=""; QOS=""; REWARD_PARTITION=""
+T_PREP=01:00:00; T_REWARD=08:00:00; T_SCORE=08:00:00; T_TRAIN=24:00:00; T_EVAL=02:00:00
+ENV_SPEC=""; VLLM_ENV_SPEC=""; CPU=0; DRY=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --run-dir) RUN_DIR=$2; shift 2;;
+    --input) INPUTS+=("$2"); shift 2;;
+    --model) MODEL=$2; shift 2;;
+    --reward-model) RM=$2; shift 2;;
+    --recipe) RECIPE=$2; shift 2;;
+    --format) FORMAT=$2; shift 2;;
+    --test-fraction) TEST_FRACTION=$2; shift 2;;
+    --seed) SEED=$2; shift 2;;
+    --method) METHOD=$2; shift 2;;
+    --reward-replicas) REPLICAS=$2; shift 2;;
+    --reward-gpus) REWARD_GPUS=$2; shift 2;;
+    --serve-args) SERVE_ARGS=$2; shift 2;;
+    --api-key-file) API_KEY_FILE=$2; shift 2;;
+    --mode) MODE=$2; shift 2;;
+    --nodes) NODES=$2; shift 2;;
+    --gpus-per-node) GPUS=$2; shift 2;;
+    --train-args) TRAIN_ARGS=$2; shift 2;;
+    --hf-token-file) TOKEN_FILE=$2; shift 2;;
+    --partition) PARTITION=$2; shift 2;;
+    --account) ACCOUNT=$2; shift 2;;
+    --qos) QOS=$2; shift 2;;
+    --reward-partition) REWARD_PARTITION=$2; shift 2;;
+    --time-prepare) T_PREP=$2; shift 2;;
+    --time-reward) T_REWARD=$2; shift 2;;
+    --time-score) T_SCORE=$2; shift 2;;
+    --time-train) T_TRAIN=$2; shift 2;;
+    --time-eval) T_EVAL=$2; shift 2;;
+    --env) ENV_SPEC=$2; shift 2;;
+    --vllm-env) VLLM_ENV_SPEC=$2; shift 2;;
+    --cpu) CPU=1; shift;;
+    --dry-run) DRY=1; shift;;
+    -h|--help) usage; exit 0;;
+    *) die "unknown option $1 (see --help)";;
+  esac
+done
+
+# ---- validation: every mistake is reported before anything is submitted
+[[ -n $RUN_DIR ]] || die "--run-dir is required"
+[[ ${#INPUTS[@]} -gt 0 ]] || die "--input is required (repeatable)"
+for f in "${INPUTS[@]}"; do [[ -f $f ]] || die "--input $f: no such file"; done
+[[ -n $MODEL ]] || die "--model (the policy) is required"
+[[ -n $RM ]] || die "--reward-model is required"
+[[ -n $RECIPE ]] || die "--recipe is required"
+[[ -f $RECIPE ]] || die "--recipe $RECIPE: no such file"
+[[ $FORMAT =~ ^(prm800k|step-dpo|steps|trl)$ ]] || die "--format must be prm800k, step-dpo, steps or trl"
+[[ $METHOD =~ ^(judge|prm)$ ]] || die "--method must be judge or prm"
+[[ $MODE =~ ^(zero3|zero2|zero3-offload|ddp|cpu|cpu-ddp|cpu-zero3)$ ]] || die "--mode $MODE is not a launch/train.sh mode"
+for n in NODES GPUS REPLICAS; do [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "--${n,,} must be a positive integer"; done
+for t in T_PREP T_REWARD T_SCORE T_TRAIN T_EVAL; do
+  [[ ${!t} =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "time limit '${!t}' is not SLURM's [D-]HH:MM:SS"
+done
+[[ $TEST_FRACTION =~ ^0?\.[0-9]+$ ]] || die "--test-fraction must be in (0, 1)"
+if [[ $CPU == 1 && $MODE != cpu* ]]; then MODE=cpu-ddp; fi
+if [[ $CPU == 0 && $MODE == cpu* ]]; then die "--mode $MODE needs --cpu"; fi
+[[ -z $API_KEY_FILE || -f $API_KEY_FILE ]] || die "--api-key-file $API_KEY_FILE: no such file"
+[[ -z $TOKEN_FILE || -f $TOKEN_FILE ]] || die "--hf-token-file $TOKEN_FILE: no such file"
+REWARD_GPUS=${REWARD_GPUS:-$GPUS}
+REWARD_PARTITION=${REWARD_PARTITION:-$PARTITION}
+
+env_setup() {  # an --env spec -> shell code (or srun args, for containers)
+  local spec=$1
+  case "$spec" in
+    "") echo "true";;
+    venv:*) echo "source ${spec#venv:}/bin/activate";;
+    conda:*) echo "eval \"\$(conda shell.bash hook)\" && conda activate ${spec#conda:}";;
+    cmd:*) echo "${spec#cmd:}";;
+    container:*) echo "true";;
+    *) die "--env/--vllm-env '$spec': use venv:PATH, conda:NAME, cmd:CODE or container:IMAGE";;
+  esac
+}
+srun_args() { [[ $1 == container:* ]] && echo "--container-image=${1#container:} --container-mounts=$REPO:$REPO,$(cd "$(dirname "$RUN_DIR")" && pwd)"; true; }
+ENV_SETUP=$(env_setup "$ENV_SPEC")
+VLLM_SETUP=$(env_setup "$VLLM_ENV_SPEC")
+
+mkdir -p "$RUN_DIR"
+RUN_DIR=$(cd "$RUN_DIR" && pwd)
+mkdir -p "$RUN_DIR/logs"
+rm -f "$RUN_DIR/score_job_id"
+
+COMMON=(--parsable --chdir "$REPO")
+[[ -n $PARTITION ]] && COMMON+=(--partition "$PARTITION")
+[[ -n $ACCOUNT ]] && COMMON+=(--account "$ACCOUNT")
+[[ -n $QOS ]] && COMMON+=(--qos "$QOS")
+
+submit() {  # submit NAME ENV... -- SBATCH_ARGS... ; echoes the job id (or a placeholder in --dry-run)
+  local name=$1; shift
+  local envs=()
+  while [[ $1 != -- ]]; do envs+=("$1"); shift; done
+  shift
+  if [[ $DRY == 1 ]]; then
+    printf '%q ' env "${envs[@]}" sbatch "$@" >&2; echo >&2
+    echo "<$name>"
+  else
+    env "${envs[@]}" sbatch "$@"
+  fi
+}
+
+GPU_ARGS=(); REWARD_GPU_ARGS=()
+if [[ $CPU == 0 ]]; then GPU_ARGS=(--gpus-per-node "$GPUS"); REWARD_GPU_ARGS=(--gpus-per-node "$REWARD_GPUS"); fi
+if [[ $CPU == 1 ]]; then SERVE_ARGS="--cpu $SERVE_ARGS"; fi
+INPUT_ARGS=""; for f in "${INPUTS[@]}"; do INPUT_ARGS+=" --input $(cd "$(dirname "$f")" && pwd)/$(basename "$f")"; done
+
+PREP=$(submit prepare ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" \
+  STAGE_ARGS="prepare --format $FORMAT$INPUT_ARGS --out $RUN_DIR/pairs --test-fraction $TEST_FRACTION --seed $SEED --no-progress" -- \
+  "${COMMON[@]}" --job-name stepdpo-prepare --time "$T_PREP" --output "$RUN_DIR/logs/prepare-%j.out" \
+  "$REPO/slurm/stage.sbatch")
+
+REWARD_COMMON=("${COMMON[@]}")
+if [[ -n $REWARD_PARTITION && $REWARD_PARTITION != "$PARTITION" ]]; then
+  REWARD_COMMON=(--parsable --chdir "$REPO" --partition "$REWARD_PARTITION")
+  [[ -n $ACCOUNT ]] && REWARD_COMMON+=(--account "$ACCOUNT")
+fi
+SERVER=$(submit reward-server MODEL="$RM" RUN_DIR="$RUN_DIR" METHOD="$METHOD" SERVE_ARGS="$SERVE_ARGS" \
+  API_KEY_FILE="$API_KEY_FILE" WATCH_JOB_FILE="$RUN_DIR/score_job_id" ENV_SETUP="$VLLM_SETUP" -- \
+  "${REWARD_COMMON[@]}" --job-name stepdpo-reward --nodes "$REPLICAS" --ntasks-per-node 1 "${REWARD_GPU_ARGS[@]}" \
+  --time "$T_REWARD" --output "$RUN_DIR/logs/reward-%j.out" "$REPO/slurm/reward_server.sbatch")
+
+SCORE=$(submit score ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" WAIT_URLS_DIR="$RUN_DIR/reward_urls" \
+  SERVER_JOB_ID="$SERVER" \
+  STAGE_ARGS="score --pairs $RUN_DIR/pairs/train/pairs.jsonl --model $RM --backend vllm --method $METHOD --out $RUN_DIR/scored --no-progress${API_KEY_FILE:+ --api-key-file $API_KEY_FILE}" -- \
+  "${COMMON[@]}" --job-name stepdpo-score --dependency "afterok:$PREP" --time "$T_SCORE" \
+  --output "$RUN_DIR/logs/score-%j.out" "$REPO/slurm/stage.sbatch")
+[[ $DRY == 1 ]] || echo "$SCORE" > "$RUN_DIR/score_job_id"   # the server watches it
+
+TRAIN=$(submit train RECIPE="$(cd "$(dirname "$RECIPE")" && pwd)/$(basename "$RECIPE")" RUN_DIR="$RUN_DIR/train" \
+  MODE="$MODE" PROCS=1 ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" STEPDPO_REPO="$REPO" \
+  HF_TOKEN_FILE="$TOKEN_FILE" -- \
+  "${COMMON[@]}" --job-name stepdpo-train --dependency "afterok:$SCORE" --nodes "$NODES" --ntasks-per-node 1 \
+  "${GPU_ARGS[@]}" --time "$T_TRAIN" --output "$RUN_DIR/logs/train-%j.out" "$REPO/slurm/train.sbatch" \
+  --model_name_or_path "$MODEL" --train_pairs "$RUN_DIR/scored/pairs.jsonl" $TRAIN_ARGS)
+
+EVAL=$(submit eval ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" \
+  STAGE_ARGS="eval --model $RUN_DIR/train/final --ref-model $MODEL --pairs $RUN_DIR/pairs/test/pairs.jsonl --out $RUN_DIR/eval --run-dir $RUN_DIR/train --no-progress" -- \
+  "${COMMON[@]}" --job-name stepdpo-eval --dependency "afterok:$TRAIN" --time "$T_EVAL" \
+  --output "$RUN_DIR/logs/eval-%j.out" "$REPO/slurm/stage.sbatch")
+
+printf 'prepare=%s reward_server=%s score=%s train=%s eval=%s\n' "$PREP" "$SERVER" "$SCORE" "$TRAIN" "$EVAL"
+[[ $DRY == 1 ]] || echo "logs: $RUN_DIR/logs  (squeue -u ${USER:-$(id -un)}; results in $RUN_DIR/eval/metrics.json)"

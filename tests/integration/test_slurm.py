@@ -1,0 +1,175 @@
+"""The SLURM scripts on a real single-node cluster (slurm-wlm + munge), started and stopped here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, child_env
+from tests.integration.servers import vllm_available
+
+pytestmark = [
+    pytest.mark.integration, pytest.mark.slurm,
+    pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
+                       reason="needs root and slurm-wlm + munge (launch/setup.sh --slurm)"),
+]
+RECIPE = REPO / "configs" / "recipes" / "tiny" / "mistral_cpu.yaml"
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    out = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start", str(d)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    env = child_env(SLURM_CONF=d / "slurm.conf")
+    yield env
+    subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "stop", str(d)], timeout=60)
+
+
+def job_field(env, job, field):
+    out = subprocess.run(["scontrol", "show", "job", str(job), "-o"], env=env, capture_output=True, text=True).stdout
+    m = re.search(rf"\b{field}=(\S+)", out)
+    return m.group(1) if m else None
+
+
+def wait_state(env, job, states=FINAL, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_field(env, job, "JobState")
+        if state in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {job_field(env, job, 'JobState')} after {timeout}s")
+
+
+def sbatch(env, *args, **extra_env):
+    e = dict(env, **{k: str(v) for k, v in extra_env.items()})
+    res = subprocess.run(["sbatch", "--parsable", "--chdir", str(REPO), *map(str, args)], env=e, capture_output=True,
+                         text=True, check=True)
+    return res.stdout.strip().split(";")[0]
+
+
+def losses(run_dir: Path) -> list[float]:
+    s = json.loads((run_dir / "train_summary.json").read_text())
+    return [h["loss"] for h in s["log_history"] if "loss" in h and "train_loss" not in h]
+
+
+TRAIN_ARGS = ["--per_device_train_batch_size", 2]
+
+
+def test_two_tasks_act_as_two_machines(cluster, tiny_mistral, synth_pairs, tmp_path):
+    """train.sbatch with 2 tasks: machine ranks 0 and 1 (expanded on the node), rendezvous on the first
+    node's address; the same losses as one process with the same global batch."""
+    run = tmp_path / "two"
+    job = sbatch(cluster, "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", f"--output={tmp_path}/two.out",
+                 REPO / "slurm" / "train.sbatch", "--model_name_or_path", tiny_mistral, "--train_pairs",
+                 synth_pairs / "train" / "pairs.jsonl", "--max_steps", 4, *TRAIN_ARGS,
+                 RECIPE=RECIPE, RUN_DIR=run, MODE="cpu-ddp", PROCS=1)
+    assert wait_state(cluster, job) == "COMPLETED", (tmp_path / "two.out").read_text()[-3000:]
+    log = (tmp_path / "two.out").read_text()
+    assert "machine_rank=0" in log and "machine_rank=1" in log and "2 machine(s), main 127.0.0.1:" in log
+    one = subprocess.run(["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu", "--config", str(RECIPE),
+                          "--no-preflight", "--", "--model_name_or_path", str(tiny_mistral), "--train_pairs",
+                          str(synth_pairs / "train" / "pairs.jsonl"), "--output_dir", str(tmp_path / "one"),
+                          "--max_steps", "4", "--per_device_train_batch_size", "4"], env=child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert losses(run) == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+def test_preemption_saves_requeues_and_resumes(cluster, tiny_mistral, synth_pairs, tmp_path):
+    args = ["--model_name_or_path", tiny_mistral, "--train_pairs", synth_pairs / "train" / "pairs.jsonl",
+            "--max_steps", 120, "--per_device_train_batch_size", 8, "--save_strategy", "steps", "--save_steps", 40]
+    env = dict(RECIPE=RECIPE, MODE="cpu-ddp", PROCS=1)
+    straight = sbatch(cluster, "--ntasks=1", f"--output={tmp_path}/straight.out", REPO / "slurm" / "train.sbatch",
+                      *args, RUN_DIR=tmp_path / "straight", **env)
+    assert wait_state(cluster, straight) == "COMPLETED"
+
+    out = tmp_path / "pre.out"
+    job = sbatch(cluster, "--ntasks=1", f"--output={out}", REPO / "slurm" / "train.sbatch", *args,
+                 RUN_DIR=tmp_path / "pre", **env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("'loss'") < 10):
+        time.sleep(0.3)
+    # what SLURM does `--signal=B:USR1@N` before the time limit, sent now
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and int(job_field(cluster, job, "Restarts") or 0) < 1:
+        time.sleep(0.5)
+    assert int(job_field(cluster, job, "Restarts")) == 1, out.read_text()[-3000:]
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster)
+    assert wait_state(cluster, job) == "COMPLETED", out.read_text()[-3000:]
+    log = out.read_text()
+    m = re.search(r"pre-emption requested; every rank saves a checkpoint and stops", log)
+    assert m and "requeueing job" in log and "resuming from" in log
+    saved = re.search(r"step (\d+): pre-emption requested", log).group(1)
+    assert f"resuming from {tmp_path / 'pre'}/checkpoint-{saved}" in log
+    summary = json.loads((tmp_path / "pre" / "train_summary.json").read_text())
+    assert summary["global_step"] == 120
+    assert losses(tmp_path / "pre")[-1] == pytest.approx(losses(tmp_path / "straight")[-1], abs=1e-6)
+    assert losses(tmp_path / "pre") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+
+
+@pytest.mark.skipif(not vllm_available(), reason="no .venv-vllm: run launch/setup.sh --vllm")
+def test_pipeline_end_to_end(cluster, tiny_mistral, tmp_path):
+    from stepdpo.data.synthetic import SynthConfig, write_synthetic
+
+    write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=80, seed=4, max_value=9))
+    res = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "run"), "--input",
+                          str(tmp_path / "prm.jsonl"), "--model", str(tiny_mistral), "--reward-model",
+                          str(tiny_mistral), "--recipe", str(RECIPE), "--cpu", "--train-args", "--max_steps 6",
+                          "--time-reward", "00:20:00"], env=cluster, capture_output=True, text=True, check=True)
+    ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
+    assert set(ids) == {"prepare", "reward_server", "score", "train", "eval"}
+    assert wait_state(cluster, ids["eval"], timeout=900) == "COMPLETED"
+    for stage in ("prepare", "score", "train"):
+        assert job_field(cluster, ids[stage], "JobState") == "COMPLETED"
+    # the score stage stopped the server when it finished
+    assert wait_state(cluster, ids["reward_server"], timeout=60) in {"CANCELLED", "COMPLETED"}
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["pairs"] > 0 and "pair_accuracy_ref" in metrics
+    report = json.loads((tmp_path / "run" / "scored" / "score_report.json").read_text())
+    assert report["backend"] == "vllm" and report["scored"] == report["substeps"]
+    assert (tmp_path / "run" / "eval" / "training_curves.png").is_file()
+
+
+def test_failing_stage_cancels_its_dependents(cluster, tiny_mistral, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("[{ not json")
+    res = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "run"), "--input",
+                          str(bad), "--model", str(tiny_mistral), "--reward-model", str(tiny_mistral), "--recipe",
+                          str(RECIPE), "--cpu"], env=cluster, capture_output=True, text=True, check=True)
+    ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
+    assert wait_state(cluster, ids["prepare"]) == "FAILED"
+    for stage in ("score", "train", "eval"):
+        assert wait_state(cluster, ids[stage], timeout=60) == "CANCELLED"
+    # and the reward server notices its scoring job is gone and stops
+    assert wait_state(cluster, ids["reward_server"], timeout=120) in {"COMPLETED", "CANCELLED"}
+
+
+def test_pipeline_validates_and_dry_runs(cluster, tiny_mistral, tmp_path):
+    base = ["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "r"), "--model", "m",
+            "--reward-model", "r", "--recipe", str(RECIPE)]
+    res = subprocess.run(base + ["--input", str(tmp_path / "missing.jsonl")], env=cluster, capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "missing.jsonl: no such file" in res.stderr
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    res = subprocess.run(base + ["--input", str(tmp_path / "d.jsonl"), "--time-train", "tomorrow"], env=cluster,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "not SLURM's" in res.stderr
+    res = subprocess.run(base + ["--input", str(tmp_path / "d.jsonl"), "--nodes", "2", "--gpus-per-node", "8",
+                                 "--partition", "gpu", "--dry-run"], env=cluster, capture_output=True, text=True)
+    assert res.returncode == 0
+    assert res.stderr.count("sbatch --parsable") == 5 and "--dependency afterok:\\<score\\>" in res.stderr
+    assert "--nodes 2 --ntasks-per-node 1 --gpus-per-node 8" in res.stderr
+    assert "squeue" not in res.stdout and not (tmp_path / "r" / "score_job_id").exists()
