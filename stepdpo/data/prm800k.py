@@ -55,8 +55,7 @@ def _human_text(step: dict) -> str | None:
     return human if isinstance(human, str) and human else None
 
 
-def validate_record(record) -> tuple[str, list]:
-    """Return (problem, steps) or raise RecordError."""
+def _record_header(record) -> tuple[str, list]:
     if not isinstance(record, dict):
         raise RecordError("not_object", f"expected a JSON object, got {type(record).__name__}")
     question = record.get("question")
@@ -67,58 +66,71 @@ def validate_record(record) -> tuple[str, list]:
     steps = label.get("steps") if isinstance(label, dict) else None
     if not isinstance(steps, list):
         raise RecordError("missing_steps", "label.steps must be a list")
+    return problem, steps
+
+
+def _check_step(i: int, step) -> list:
+    """The step's completions, or RecordError naming the first bad field."""
+    if not isinstance(step, dict) or not isinstance(step.get("completions"), list):
+        raise RecordError("bad_step", f"label.steps[{i}] must be an object with a list 'completions'")
+    completions = step["completions"]
+    for j, c in enumerate(completions):
+        if not isinstance(c, dict) or not isinstance(c.get("text"), str) or not c["text"]:
+            raise RecordError("bad_completion_text", f"label.steps[{i}].completions[{j}].text must be a non-empty string")
+        if not _valid_rating(c.get("rating")):
+            raise RecordError("bad_rating", f"label.steps[{i}].completions[{j}].rating is {c.get('rating')!r}, not -1/0/1/null")
+    chosen = step.get("chosen_completion")
+    if chosen is not None and not (type(chosen) is int and 0 <= chosen < len(completions)):
+        raise RecordError(
+            "bad_chosen_completion",
+            f"label.steps[{i}].chosen_completion is {chosen!r}; expected null or an index below {len(completions)}",
+        )
+    return completions
+
+
+def validate_record(record) -> tuple[str, list]:
+    """Return (problem, steps) or raise RecordError."""
+    problem, steps = _record_header(record)
     for i, step in enumerate(steps):
-        if not isinstance(step, dict) or not isinstance(step.get("completions"), list):
-            raise RecordError("bad_step", f"label.steps[{i}] must be an object with a list 'completions'")
-        completions = step["completions"]
-        for j, c in enumerate(completions):
-            if not isinstance(c, dict) or not isinstance(c.get("text"), str) or not c["text"]:
-                raise RecordError(
-                    "bad_completion_text", f"label.steps[{i}].completions[{j}].text must be a non-empty string"
-                )
-            if not _valid_rating(c.get("rating")):
-                raise RecordError(
-                    "bad_rating", f"label.steps[{i}].completions[{j}].rating is {c.get('rating')!r}, not -1/0/1/null"
-                )
-        chosen = step.get("chosen_completion")
-        if chosen is not None and not (type(chosen) is int and 0 <= chosen < len(completions)):
-            raise RecordError(
-                "bad_chosen_completion",
-                f"label.steps[{i}].chosen_completion is {chosen!r}; expected null or an index below {len(completions)}",
-            )
+        _check_step(i, step)
     return problem, steps
 
 
 def walk_record(record, neutral: str = "skip") -> Walk:
-    """Apply the rules to one parsed record (raises RecordError when malformed)."""
-    problem, steps = validate_record(record)
+    """Apply the rules to one parsed record (raises RecordError when malformed).
+
+    Validation and the walk share one pass over the steps (prepare's hot path); the whole record is
+    still validated even after the walk has stopped, so a bad later step rejects the record.
+    """
+    problem, steps = _record_header(record)
     walk = Walk(problem=problem, finish_reason=record["label"].get("finish_reason"))
+    neutral_as = {"positive": 1, "negative": -1}.get(neutral)
     prefix: list[str] = []
-    for step in steps:
+    walking = True
+    for i, step in enumerate(steps):
+        completions = _check_step(i, step)
+        if not walking:
+            continue
         good: list[str] = []
         bad: list[str] = []
-        for c in step["completions"]:
+        for c in completions:
             rating = c.get("rating")
             if rating is None or c.get("flagged") is True:
                 continue
             if rating == 0:
-                if neutral == "positive":
-                    rating = 1
-                elif neutral == "negative":
-                    rating = -1
-                else:
+                if neutral_as is None:
                     continue
+                rating = neutral_as
             (good if rating == 1 else bad).append(c["text"])
         human = _human_text(step)
         if human is not None:
             good.append(human)
-        for g in good:
-            for b in bad:
-                if g != b:
-                    walk.step_pairs.append((list(prefix), g, b))
+        if good and bad:
+            frozen = list(prefix)
+            walk.step_pairs.extend((frozen, g, b) for g in good for b in bad if g != b)
         chosen = step.get("chosen_completion")
         if chosen is not None:
-            picked = step["completions"][chosen]
+            picked = completions[chosen]
             prefix.append(picked["text"])
             if picked.get("rating") == -1:
                 walk.has_error = True
@@ -128,7 +140,7 @@ def walk_record(record, neutral: str = "skip") -> Walk:
             if bad:  # the trajectory ends on its first error (phase 2 found_error)
                 prefix.append(bad[0])
                 walk.has_error = True
-            break
+            walking = False
     walk.trajectory = prefix
     return walk
 

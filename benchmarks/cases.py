@@ -1,0 +1,286 @@
+"""Benchmark cases. Each returns a dict of measurements; the harness runs each in its own process (so
+its peak RSS is its own) and compares ratios taken within the same run with the targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stats(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def _ratio(num: list[float], den: list[float]) -> dict:
+    """Median of per-repeat ratios (pairs measured back to back), with the spread."""
+    return _stats([a / b for a, b in zip(num, den)])
+
+
+# --------------------------------------------------------------------------------------------- data
+def prepare_vs_json(quick: bool) -> dict:
+    """`stepdpo prepare` (validate, pair, deduplicate, split, write) vs json.loads over the same lines."""
+    from stepdpo.data.prepare import PrepareOptions, prepare
+    from stepdpo.data.synthetic import SynthConfig, write_synthetic
+
+    tmp = Path(tempfile.mkdtemp())
+    n = 5000 if quick else 40000
+    write_synthetic(tmp / "prm.jsonl", SynthConfig(problems=n, seed=1))
+    lines = (tmp / "prm.jsonl").read_text(encoding="utf-8").splitlines()
+    t_json, t_prep = [], []
+    for i in range(3 if quick else 7):
+        t = time.perf_counter()
+        for line in lines:
+            json.loads(line)
+        t_json.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        prepare([tmp / "prm.jsonl"], tmp / f"out{i}", PrepareOptions(progress=False, test_fraction=0.1))
+        t_prep.append(time.perf_counter() - t)
+    return {"lines": n, "json_loads_s": _stats(t_json), "prepare_s": _stats(t_prep), "ratio": _ratio(t_prep, t_json)}
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def _tiny(arch: str, hidden: int = 64, layers: int = 2) -> Path:
+    from stepdpo.tiny import TinySize, build_tiny_model
+
+    return build_tiny_model(arch, Path(tempfile.mkdtemp()) / arch, seed=0, size=TinySize(hidden=hidden, layers=layers))
+
+
+def _solution(n_steps: int, seed: int) -> tuple[str, list[str]]:
+    import random
+
+    rng = random.Random(seed)
+    value = rng.randint(1, 9)
+    steps = []
+    for _ in range(n_steps):
+        b = rng.randint(1, 9)
+        steps.append(f"{value} + {b} = {value + b}")
+        value += b
+    return f"Start with {steps[0].split()[0]}. Keep adding. What is the result?", steps
+
+
+def prm_single_pass(quick: bool) -> dict:
+    """PRM rewards for every step: one pass per solution vs one pass per prefix (the quadratic way)."""
+    from stepdpo.reward.hf import HFScorer
+    from stepdpo.reward.scorer import MethodSpec
+
+    model = _tiny("mistral", hidden=128, layers=4)
+    scorer = HFScorer(MethodSpec(str(model), "prm"))
+    solutions = 8 if quick else 16
+    scorer.score_prm([_solution(8, 99)])  # warm-up: first-call allocations are not the method's cost
+    out = {}
+    for n in (8, 16, 32):
+        sols = [_solution(n, s) for s in range(solutions)]
+        single, per_prefix = [], []
+        for _ in range(3 if quick else 5):
+            t = time.perf_counter()
+            scorer.score_prm(sols)  # one batched pass over all solutions
+            single.append(time.perf_counter() - t)
+            if n in (8, 32):
+                t = time.perf_counter()
+                for problem, steps in sols:  # every prefix scored on its own
+                    for k in range(1, n + 1):
+                        scorer.score_prm([(problem, steps[:k])])
+                per_prefix.append(time.perf_counter() - t)
+        out[f"steps{n}"] = {"single_pass_s": _stats(single)}
+        if per_prefix:
+            out[f"steps{n}"]["per_prefix_s"] = _stats(per_prefix)
+            out[f"steps{n}"]["speedup"] = _ratio(per_prefix, single)
+    out["doubling_16_over_8"] = out["steps16"]["single_pass_s"]["median"] / out["steps8"]["single_pass_s"]["median"]
+    out["doubling_32_over_16"] = out["steps32"]["single_pass_s"]["median"] / out["steps16"]["single_pass_s"]["median"]
+    return out
+
+
+def vllm_client_vs_raw(quick: bool) -> dict:
+    """`stepdpo score --backend vllm` vs sending the same prompts to the same server as raw batched requests."""
+    from argparse import Namespace
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from stepdpo.data.pairs import read_pairs
+    from stepdpo.data.prepare import PrepareOptions, prepare
+    from stepdpo.data.synthetic import SynthConfig, write_synthetic
+    from stepdpo.reward.score import run_score
+    from stepdpo.reward.scorer import judge_prompt, judge_token_ids, substeps_of_pair
+    from tests.integration.servers import VLLMServer, vllm_available
+
+    if not vllm_available():
+        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
+    from transformers import AutoTokenizer
+
+    model = _tiny("mistral")
+    tmp = Path(tempfile.mkdtemp())
+    write_synthetic(tmp / "prm.jsonl", SynthConfig(problems=150 if quick else 600, seed=2))
+    prepare([tmp / "prm.jsonl"], tmp / "pairs", PrepareOptions(progress=False))
+    pairs = read_pairs(tmp / "pairs" / "pairs.jsonl")
+    tok = AutoTokenizer.from_pretrained(model)
+    yes, no = judge_token_ids(tok, str(model))
+    subs = {s for p in pairs for side in substeps_of_pair(p).values() for s in side}
+    prompts = []
+    for s in sorted(subs, key=lambda x: (x.problem, x.previous, x.step)):
+        ids = tok(judge_prompt(s))["input_ids"]
+        prompts += [ids + [yes], ids + [no]]
+    batch, concurrency = 32, 4
+    server = VLLMServer(model, "judge", tmp / "vllm.log").start().wait()
+    try:
+        url = server.url
+
+        def raw_once():
+            session = requests.Session()
+            chunks = [prompts[i : i + 2 * batch] for i in range(0, len(prompts), 2 * batch)]
+
+            def post(chunk):
+                r = session.post(f"{url}/v1/completions", json={"model": str(model), "prompt": chunk, "max_tokens": 0,
+                                                                 "echo": True, "prompt_logprobs": 0})
+                r.raise_for_status()
+                return r.json()
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(post, chunks))
+            return time.perf_counter() - t
+
+        raw_once()  # warm the server
+        t_raw, t_ours = [], []
+        for i in range(3 if quick else 5):
+            t_raw.append(raw_once())
+            a = Namespace(pairs=str(tmp / "pairs" / "pairs.jsonl"), model=str(model), backend="vllm", method="judge",
+                          url=[url], served_model_name=None, api_key_env=None, api_key_file=None,
+                          out=str(tmp / f"scored{i}"), cache=None, batch_size=batch, concurrency=concurrency,
+                          prm_good_token="+", prm_bad_token="-", prm_step_tag=None, prm_pooling=False,
+                          timeout=120.0, health_timeout=30.0, no_progress=True)
+            t_ours.append(run_score(a)["wall_seconds"])
+    finally:
+        server.stop()
+    return {"substeps": len(subs), "prompts": len(prompts), "raw_s": _stats(t_raw), "stepdpo_s": _stats(t_ours),
+            "ratio": _ratio(t_ours, t_raw)}
+
+
+# --------------------------------------------------------------------------------------------- training
+def _pairs_file(n_problems: int) -> Path:
+    from stepdpo.data.prepare import PrepareOptions, prepare
+    from stepdpo.data.synthetic import SynthConfig, write_synthetic
+
+    tmp = Path(tempfile.mkdtemp())
+    write_synthetic(tmp / "prm.jsonl", SynthConfig(problems=n_problems, seed=3, max_value=9))
+    prepare([tmp / "prm.jsonl"], tmp / "pairs", PrepareOptions(progress=False))
+    return tmp / "pairs" / "pairs.jsonl"
+
+
+class _StepTimes:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        times = self.times = []
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                times.append(time.perf_counter() - self.t)
+
+        self.callback = CB()
+
+
+def _common(steps: int, out: str) -> dict:
+    return dict(output_dir=out, beta=0.1, learning_rate=1e-4, max_steps=steps, per_device_train_batch_size=8,
+                logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+                gradient_checkpointing=False, disable_tqdm=True, bf16=False)
+
+
+def trainer_vs_trl(quick: bool) -> dict:
+    """Time per training step: StepwiseDPOTrainer (dpo mode, append_eos) vs trl.DPOTrainer, same everything."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from stepdpo.config import StepwiseDPOConfig
+    from stepdpo.data.pairs import read_pairs, render_pair
+    from stepdpo.train.run import build_trainer
+
+    model = _tiny("mistral", hidden=256, layers=4)
+    pairs_path = _pairs_file(200)
+    pairs = read_pairs(pairs_path)
+    steps = 25 if quick else 60
+    rows = [render_pair(p) for p in pairs]
+    ds = Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows],
+                            "rejected": [r[2] for r in rows]})
+    ours_t, trl_t = [], []
+    for rep in range(2 if quick else 3):
+        timer = _StepTimes()
+        t = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=DPOConfig(**_common(steps, tempfile.mkdtemp())),
+                       train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(model), callbacks=[timer.callback])
+        t.train()
+        trl_t.append(statistics.median(timer.times[5:]))
+        timer = _StepTimes()
+        ours = build_trainer(StepwiseDPOConfig(model_name_or_path=str(model), train_pairs=str(pairs_path),
+                                               append_eos=True, **_common(steps, tempfile.mkdtemp())))
+        ours.add_callback(timer.callback)
+        ours.train()
+        ours_t.append(statistics.median(timer.times[5:]))
+    return {"steps": steps, "trl_step_s": _stats(trl_t), "stepdpo_step_s": _stats(ours_t), "ratio": _ratio(ours_t, trl_t)}
+
+
+def precompute_vs_live(quick: bool) -> dict:
+    """Time per step after the reference log-probs are precomputed vs with a live reference model."""
+    from stepdpo.config import StepwiseDPOConfig
+    from stepdpo.train.run import build_trainer
+
+    model = _tiny("mistral", hidden=256, layers=4)
+    pairs_path = _pairs_file(200)
+    steps = 25 if quick else 60
+    live_t, pre_t, precompute_s = [], [], []
+    for rep in range(2 if quick else 3):
+        for precompute in (False, True):
+            timer = _StepTimes()
+            t0 = time.perf_counter()
+            tr = build_trainer(StepwiseDPOConfig(model_name_or_path=str(model), train_pairs=str(pairs_path),
+                                                 precompute_ref_log_probs=precompute, **_common(steps, tempfile.mkdtemp())))
+            if precompute:
+                precompute_s.append(time.perf_counter() - t0)
+            tr.add_callback(timer.callback)
+            tr.train()
+            (pre_t if precompute else live_t).append(statistics.median(timer.times[5:]))
+    return {"steps": steps, "live_step_s": _stats(live_t), "precomputed_step_s": _stats(pre_t),
+            "build_with_precompute_s": _stats(precompute_s), "ratio": _ratio(pre_t, live_t)}
+
+
+# --------------------------------------------------------------------------------------------- plans
+def plans_7b(quick: bool) -> dict:
+    from stepdpo.plan import make_plan
+
+    out = {}
+    for nodes in (1, 2):
+        for mode in ("full", "lora", "qlora"):
+            for zero in (2, 3):
+                p = make_plan("mistralai/Mistral-7B-v0.1", nodes=nodes, gpus_per_node=8, mode=mode, zero=zero)
+                out[f"{nodes}x8 {mode} zero{zero}"] = {"per_gpu_gib": p["per_gpu_total_gib"],
+                                                       "per_node_cpu_gib": round(sum(p["per_node_cpu_gib"].values()), 2),
+                                                       "load_peak_gib": p["per_gpu_load_peak_gib"]}
+    return out
+
+
+CASES = {
+    "prepare_vs_json": prepare_vs_json,
+    "prm_single_pass": prm_single_pass,
+    "vllm_client_vs_raw": vllm_client_vs_raw,
+    "trainer_vs_trl": trainer_vs_trl,
+    "precompute_vs_live": precompute_vs_live,
+    "plans_7b": plans_7b,
+}
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")
