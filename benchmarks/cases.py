@@ -153,7 +153,7 @@ def vllm_client_vs_raw(quick: bool) -> dict:
             a = Namespace(pairs=str(tmp / "pairs" / "pairs.jsonl"), model=str(model), backend="vllm", method="judge",
                           url=[url], served_model_name=None, api_key_env=None, api_key_file=None,
                           out=str(tmp / f"scored{i}"), cache=None, batch_size=batch, concurrency=concurrency,
-                          prm_good_token="+", prm_bad_token="-", prm_step_tag=None, prm_pooling=False,
+                          prm_good_token="+", prm_bad_token="-", prm_step_tag=None, prm_head="lm",
                           timeout=120.0, health_timeout=30.0, no_progress=True)
             t_ours.append(run_score(a)["wall_seconds"])
     finally:

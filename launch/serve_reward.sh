@@ -3,12 +3,15 @@
 #
 #   launch/serve_reward.sh MODEL [--method judge|prm] [--port P] [--host H] [--tp N] [--dtype D]
 #                          [--max-model-len L] [--cpu] [--step-tag-id ID] [--good-token T] [--bad-token T]
+#                          [--prm-head lm|classifier]
 #                          [--api-key-file F] [--url-file F] [-- extra vLLM args]
 #
 # judge: a generative model; stepdpo sends prompts as token ids and reads prompt logprobs (echo).
-# prm:   a math-shepherd style PRM (a *ForCausalLM): served with --runner pooling, STEP token pooling
-#        at the step tag and a 2-way head made of the LM-head rows of the good/bad tokens, so one
-#        request per solution returns the (good, bad) logits at every step tag.
+# prm:   a process reward model served with --runner pooling and STEP token pooling at the step tag,
+#        so one request per solution returns 2 logits at every step tag. --prm-head lm (default): a
+#        math-shepherd style *ForCausalLM; the 2-way head is made of the LM-head rows of the good/bad
+#        tokens. --prm-head classifier: a 2-label token-classification PRM (*ForTokenClassification,
+#        Qwen2.5-Math-PRM's Qwen2ForProcessRewardModel) with its own head.
 #
 # GPU (one node, 8 GPUs, Mistral-7B judge):
 #   launch/serve_reward.sh mistralai/Mistral-7B-Instruct-v0.2 --tp 8 --dtype bfloat16 --max-model-len 4096
@@ -17,12 +20,12 @@
 # Environment: VLLM_PYTHON (default: .venv-vllm/bin/python if present, else python), HEALTH_TIMEOUT (s, 600).
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0;; esac
 MODEL=$1; shift
 METHOD=judge; PORT=8100; HOST=127.0.0.1; TP=1; DTYPE=auto; MAXLEN=""; CPU=0
-STEP_TAG_ID=""; GOOD="+"; BAD="-"; API_KEY_FILE=""; URL_FILE=""; EXTRA=()
+STEP_TAG_ID=""; GOOD="+"; BAD="-"; HEAD=lm; API_KEY_FILE=""; URL_FILE=""; EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --method) METHOD=$2; shift 2;;
@@ -35,6 +38,7 @@ while [[ $# -gt 0 ]]; do
     --step-tag-id) STEP_TAG_ID=$2; shift 2;;
     --good-token) GOOD=$2; shift 2;;
     --bad-token) BAD=$2; shift 2;;
+    --prm-head) HEAD=$2; shift 2;;
     --api-key-file) API_KEY_FILE=$2; shift 2;;
     --url-file) URL_FILE=$2; shift 2;;
     --) shift; EXTRA=("$@"); break;;
@@ -65,8 +69,12 @@ if [[ $METHOD == prm ]]; then
     STEP_TAG_ID=$("$PY" -c "import sys; from transformers import AutoTokenizer as T; t=T.from_pretrained(sys.argv[1]); ids=t(' ки', add_special_tokens=False)['input_ids']; print(ids[-1])" "$MODEL")
   fi
   ARGS+=(--runner pooling --convert classify
-         --hf-overrides "{\"classifier_from_token\": [\"$GOOD\", \"$BAD\"], \"method\": \"no_post_processing\"}"
          --pooler-config "{\"task\": \"token_classify\", \"tok_pooling_type\": \"STEP\", \"step_tag_id\": $STEP_TAG_ID}")
+  if [[ $HEAD == lm ]]; then
+    ARGS+=(--hf-overrides "{\"classifier_from_token\": [\"$GOOD\", \"$BAD\"], \"method\": \"no_post_processing\"}")
+  elif [[ $HEAD != classifier ]]; then
+    echo "serve_reward.sh: --prm-head must be lm or classifier" >&2; exit 2
+  fi
 fi
 if [[ -n $API_KEY_FILE ]]; then
   # Through the environment, never argv: VLLM_API_KEY is read by the server.

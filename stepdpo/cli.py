@@ -127,8 +127,9 @@ def _score(sub):
     p.add_argument("--prm-good-token", default="+", help="prm: the token meaning 'step is good' (default +)")
     p.add_argument("--prm-bad-token", default="-", help="prm: the token meaning 'step is bad' (default -)")
     p.add_argument("--prm-step-tag", default=None, help="prm: the step tag after each step (default ' ки')")
-    p.add_argument("--prm-pooling", action="store_true",
-                   help="prm on vLLM: a token-classification PRM served with --runner pooling (Qwen2.5-Math-PRM style)")
+    p.add_argument("--prm-head", choices=["lm", "classifier"], default="lm",
+                   help="prm: lm = rewards from the good/bad token logits (math-shepherd); classifier = a 2-label "
+                   "token-classification head, P(good) = softmax[1] (Qwen2.5-Math-PRM style)")
     p.add_argument("--timeout", type=float, default=120.0, help="vLLM read timeout in seconds (default 120)")
     p.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for /health (default 300)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

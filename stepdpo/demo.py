@@ -65,7 +65,7 @@ def run_demo(out: str | Path = "demo_out", arch: str = "t5", seed: int = 0, prob
             pairs=str(out / "pairs" / "train" / "pairs.jsonl"), model=str(model_dir), backend="hf", method="judge",
             url=[], served_model_name=None, api_key_env=None, api_key_file=None, out=str(out / "scored"),
             cache=None, batch_size=64, concurrency=1, prm_good_token="+", prm_bad_token="-", prm_step_tag=None,
-            prm_pooling=False, timeout=60.0, health_timeout=10.0, no_progress=True,
+            prm_head="lm", timeout=60.0, health_timeout=10.0, no_progress=True,
         )
         score_report = run_score(score_args)
     test_pairs = read_pairs(out / "pairs" / "test" / "pairs.jsonl")

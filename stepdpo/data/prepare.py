@@ -128,6 +128,7 @@ def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
         run.counts["records_used"] += 1
         if not walk.step_pairs:
             run.counts["records_without_step_pairs"] += 1
+        run.counts["identical_sides_skipped"] += walk.identical_sides
         for prefix, chosen, rejected in walk.step_pairs:
             _add_pair(run, "step", walk.problem, prefix, [chosen], [rejected], source)
             run.counts["pairs_generated"] += 1
@@ -209,6 +210,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions) -> 
             "records_without_step_pairs": run.counts["records_without_step_pairs"],
             "pairs_generated": run.counts["pairs_generated"],
             "duplicates_removed": run.counts["duplicates_removed"],
+            "identical_sides_skipped": run.counts["identical_sides_skipped"],
             "solution_pairs": run.counts["solution_pairs"],
             "pairs_written": len(pairs),
             "rejected": bad,

@@ -42,6 +42,7 @@ class Walk:
     trajectory: list[str] = field(default_factory=list)  # the walked path (+ the first -1 step if any)
     has_error: bool = False
     finish_reason: str | None = None
+    identical_sides: int = 0  # (+1, -1) combinations with the same text: no preference, not written
 
 
 def _valid_rating(r) -> bool:
@@ -127,7 +128,12 @@ def walk_record(record, neutral: str = "skip") -> Walk:
             good.append(human)
         if good and bad:
             frozen = list(prefix)
-            walk.step_pairs.extend((frozen, g, b) for g in good for b in bad if g != b)
+            for g in good:
+                for b in bad:
+                    if g != b:
+                        walk.step_pairs.append((frozen, g, b))
+                    else:
+                        walk.identical_sides += 1
         chosen = step.get("chosen_completion")
         if chosen is not None:
             picked = completions[chosen]

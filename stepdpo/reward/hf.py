@@ -29,8 +29,11 @@ class HFScorer:
             if self.encoder_decoder:
                 raise ScoreError(f"{spec.model}: --method prm needs a decoder-only process reward model")
             self.tag_id, self.good_id, self.bad_id = prm_token_ids(self.tokenizer, spec)
-        cls = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
-        self.model = cls.from_pretrained(spec.model, dtype=dtype, token=token).eval()
+        if spec.method == "prm" and spec.head == "classifier":
+            self.model = _load_classifier_prm(spec.model, config, dtype, token)
+        else:
+            cls = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
+            self.model = cls.from_pretrained(spec.model, dtype=dtype, token=token).eval()
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     # ---- judge: one prompt per substep
@@ -60,8 +63,12 @@ class HFScorer:
     def score_prm(self, solutions: list[tuple[str, list[str]]]) -> list[list[float]]:
         rows = [self.prm_ids(p, s) for p, s in solutions]
         ids, mask = _right_pad(rows, self.pad)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-        pair = logits[..., [self.good_id, self.bad_id]].softmax(dim=-1)[..., 0]
+        out = self.model(input_ids=ids, attention_mask=mask)
+        logits = (out.logits if hasattr(out, "logits") else out[0]).float()
+        if self.spec.head == "classifier":  # 2 labels (bad, good): P(good)
+            pair = logits.softmax(dim=-1)[..., 1]
+        else:  # LM head: P(good) among {good, bad}
+            pair = logits[..., [self.good_id, self.bad_id]].softmax(dim=-1)[..., 0]
         out = []
         for b, (row, (_, steps)) in enumerate(zip(rows, solutions)):
             positions = [i for i, t in enumerate(row) if t == self.tag_id]
@@ -72,3 +79,17 @@ class HFScorer:
                 )
             out.append(pair[b, positions].tolist())
         return out
+
+
+def _load_classifier_prm(name: str, config, dtype, token):
+    """A 2-label token-classification PRM: *ForTokenClassification, or Qwen2.5-Math-PRM's remote-code
+    *ForProcessRewardModel (which returns the (bad, good) logits per token as its first output)."""
+    from transformers import AutoModel, AutoModelForTokenClassification
+
+    archs = getattr(config, "architectures", None) or []
+    if any("ProcessRewardModel" in a for a in archs):
+        return AutoModel.from_pretrained(name, dtype=dtype, token=token, trust_remote_code=True).eval()
+    model = AutoModelForTokenClassification.from_pretrained(name, dtype=dtype, token=token).eval()
+    if model.config.num_labels != 2:
+        raise ScoreError(f"{name}: a classifier PRM needs 2 labels (bad, good), this one has {model.config.num_labels}")
+    return model

@@ -90,8 +90,9 @@ class _Backend:
         for rows, (_, steps) in zip(pooled, solutions):
             if len(rows) != len(steps):
                 raise ScoreError(f"{url}: {len(rows)} step scores for {len(steps)} steps")
-            # rows hold (good, bad) logits at each tag: P(good) = sigmoid(good - bad)
-            out.append([1.0 / (1.0 + math.exp(-(r[0] - r[1]))) for r in rows])
+            # lm head: rows are (good, bad) token logits; classifier head: (bad, good) label logits
+            good, bad = (1, 0) if self.spec.head == "classifier" else (0, 1)
+            out.append([1.0 / (1.0 + math.exp(-(r[good] - r[bad]))) for r in rows])
         return out
 
     def map(self, batches, fn, on_result):
@@ -172,7 +173,7 @@ def run_score(a) -> dict:
         raise ScoreError("--backend vllm needs at least one --url (launch/serve_reward.sh prints it)")
     spec = MethodSpec(model=a.model, method=a.method, good_token=a.prm_good_token,
                       bad_token=a.prm_bad_token, step_tag=a.prm_step_tag or DEFAULT_STEP_TAG,
-                      pooling=bool(getattr(a, "prm_pooling", False)))
+                      head=getattr(a, "prm_head", "lm"))
     pairs = read_pairs(a.pairs)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

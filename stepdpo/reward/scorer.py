@@ -7,9 +7,10 @@ substep is scored once.
 Methods:
 * judge: a generative LLM judge (the seed's LLMRewardModel). reward = P(yes) / (P(yes) + P(no)) for
   the next token after `judge_prompt(...)`; decoder-only or encoder-decoder (first decoder token).
-* prm:   a process reward model (math-shepherd style): the whole solution with a step tag after every
-  step, one forward pass; the reward of step k = softmax(logit(good), logit(bad))[good] at tag k.
-  Scoring a side costs one pass over prefix+steps, linear in the number of steps.
+* prm:   a process reward model: the whole solution with a step tag after every step, one forward
+  pass, a reward read at every tag. head "lm" (math-shepherd): softmax(logit(good), logit(bad))[good]
+  from the LM head; head "classifier" (Qwen2.5-Math-PRM style): softmax(2-label logits)[1] from a
+  token-classification head. Scoring a side costs one pass over prefix+steps, linear in its steps.
 
 The cache is an append-only JSONL of {"key", "reward"}; a key hashes (model, method settings, prompt
 template version, problem, previous steps, step), so a re-run after a crash scores only what is missing.
@@ -51,12 +52,12 @@ class MethodSpec:
     good_token: str = "+"
     bad_token: str = "-"
     step_tag: str = DEFAULT_STEP_TAG
-    pooling: bool = False
+    head: str = "lm"  # prm: "lm" (good/bad token logits) or "classifier" (2-label token-classification head)
 
     def key(self, sub: Substep) -> str:
         fields = [self.model, self.method, PROMPT_TEMPLATE_VERSION, sub.problem, list(sub.previous), sub.step]
         if self.method == "prm":
-            fields += [self.good_token, self.bad_token, self.step_tag, self.pooling]
+            fields += [self.good_token, self.bad_token, self.step_tag, self.head]
         payload = json.dumps(fields, ensure_ascii=False)
         return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
@@ -90,14 +91,17 @@ def judge_token_ids(tokenizer, model_name: str) -> tuple[int, int]:
     return yes, no
 
 
-def prm_token_ids(tokenizer, spec: MethodSpec) -> tuple[int, int, int]:
-    """(step tag id, good id, bad id); errors before any work when one is not a single token."""
+def prm_token_ids(tokenizer, spec: MethodSpec) -> tuple[int, int | None, int | None]:
+    """(step tag id, good id, bad id); errors before any work when one is not a single token.
+    A classifier head reads labels, not tokens: good/bad are None then."""
     tag_ids = tokenizer(spec.step_tag, add_special_tokens=False)["input_ids"]
     if len(tag_ids) != 1:
         raise ScoreError(
             f"{spec.model}: the step tag {spec.step_tag!r} is {len(tag_ids)} tokens, not one; a PRM needs a "
             "single-token step tag (math-shepherd: ' ки'; Qwen2.5-Math-PRM: '<extra_0>'). Set --prm-step-tag."
         )
+    if spec.head == "classifier":
+        return tag_ids[0], None, None
     good = single_token(tokenizer, (spec.good_token, " " + spec.good_token))
     bad = single_token(tokenizer, (spec.bad_token, " " + spec.bad_token))
     if good is None or bad is None:

@@ -159,10 +159,11 @@ class VLLMClient:
             raise MalformedResponse(f"{url}/v1/completions: unexpected answer shape ({type(e).__name__}: {e})") from None
 
     def step_pooling(self, url: str, prompts: list[list[int]]) -> list[list[list[float]]]:
-        """Per prompt, the raw (good, bad) logits at each step tag.
+        """Per prompt, the raw 2-way logits at each step tag.
 
-        The server runs the PRM with STEP token pooling and a 2-way head built from the LM-head rows of
-        the good/bad tokens (launch/serve_reward.sh --method prm sets this up); no activation, so the
+        The server runs the PRM with STEP token pooling (launch/serve_reward.sh --method prm sets it up):
+        either a 2-way head built from the LM-head rows of the good/bad tokens (math-shepherd), or the
+        model's own 2-label token-classification head (Qwen2.5-Math-PRM style). No activation, so the
         numbers are the logits transformers computes.
         """
         payload = {"model": self.model, "input": prompts, "task": "token_classify", "use_activation": False}

@@ -26,8 +26,8 @@ def vllm_available() -> bool:
 class VLLMServer:
     """launch/serve_reward.sh in its own process group; `url` once healthy."""
 
-    def __init__(self, model: Path, method: str, log: Path, port: int | None = None):
-        self.model, self.method, self.log = model, method, log
+    def __init__(self, model: Path, method: str, log: Path, port: int | None = None, extra: list[str] | None = None):
+        self.model, self.method, self.log, self.extra = model, method, log, list(extra or [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -39,7 +39,7 @@ class VLLMServer:
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             ["bash", str(REPO / "launch" / "serve_reward.sh"), str(self.model), "--cpu", "--method", self.method,
-             "--port", str(self.port)],
+             "--port", str(self.port), *self.extra],
             stdout=subprocess.PIPE, stderr=self._log, env=env, start_new_session=True,
         )
         return self

@@ -56,6 +56,16 @@ def test_zero3_partitions_parameters_and_matches_one_process(single, tiny_mistra
         # q_proj is 64x64: gathered it has 4096 elements; each of 2 ranks holds half, and the module's
         # own tensor is empty outside a forward (ZeRO-3 partitioning is real)
         assert info["numel"] == 0 and info["ds_numel"] == 64 * 64 and info["shard_numel"] == 64 * 64 // 2
+    # saving gathered the 16-bit weights: plain transformers reloads them with the trained logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.integration.drivers.probe_train import PROBE
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    ids = AutoTokenizer.from_pretrained(tmp_path / "final")(PROBE, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits.float()
+    assert torch.allclose(logits, torch.load(tmp_path / "probe_logits.pt"), atol=1e-4)
 
 
 def test_qlora_under_zero3_saves_an_adapter_that_reloads(tiny_mistral, synth_pairs, tmp_path):

@@ -209,3 +209,11 @@ def test_nonfinite_in_a_row_aborts(tiny_mistral, synth_pairs, tmp_path):
     trainer = build_trainer(cfg, trainer_cls=Always)
     with pytest.raises(NonFiniteError, match=r"2 optimizer steps in a row .* at step 3 \(pairs \['"):
         trainer.train()
+
+
+def test_truncations_are_counted_and_logged(tiny_mistral, synth_pairs, tmp_path):
+    summary = train(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", max_steps=2, max_length=48))
+    stats = summary["truncation"]["train"]
+    assert stats["truncated"] > 0 and stats["pairs"] > stats["truncated"]
+    logged = [h["truncated_pairs"] for h in summary["log_history"] if "truncated_pairs" in h]
+    assert logged and logged[0] == stats["truncated"]

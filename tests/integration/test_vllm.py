@@ -28,15 +28,30 @@ HAND_PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_mistral, tmp_path_factory):
+def classifier_prm(tiny_mistral, tmp_path_factory):
+    """A Qwen2.5-Math-PRM style model: a 2-label token-classification head on the tiny Mistral."""
+    from transformers import AutoTokenizer, MistralForTokenClassification
+
+    d = tmp_path_factory.mktemp("prm_classifier")
+    MistralForTokenClassification.from_pretrained(tiny_mistral, num_labels=2).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_mistral).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_mistral, classifier_prm, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm")
-    judge = VLLMServer(tiny_mistral, "judge", logs / "judge.log").start()
-    prm = VLLMServer(tiny_mistral, "prm", logs / "prm.log").start()  # both start at once: ~1 min, not 2
+    started = {  # all start at once: about a minute each, in parallel
+        "judge": VLLMServer(tiny_mistral, "judge", logs / "judge.log").start(),
+        "prm": VLLMServer(tiny_mistral, "prm", logs / "prm.log").start(),
+        "prm-classifier": VLLMServer(classifier_prm, "prm", logs / "prm_classifier.log",
+                                     extra=["--prm-head", "classifier"]).start(),
+    }
     try:
-        yield {"judge": judge.wait(), "prm": prm.wait()}
+        yield {name: server.wait() for name, server in started.items()}
     finally:
-        judge.stop()
-        prm.stop()
+        for server in started.values():
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +77,15 @@ def rewards(out):
     return [r["chosen_step_rewards"] + r["rejected_step_rewards"] for r in rows]
 
 
-@pytest.mark.parametrize("method", ["judge", "prm"])
-def test_hf_and_vllm_give_the_same_rewards(method, servers, hand_pairs, synth_pairs, tiny_mistral, tmp_path):
+@pytest.mark.parametrize("server", ["judge", "prm", "prm-classifier"])
+def test_hf_and_vllm_give_the_same_rewards(server, servers, hand_pairs, synth_pairs, tiny_mistral, classifier_prm,
+                                           tmp_path):
+    method = "judge" if server == "judge" else "prm"
+    model = classifier_prm if server == "prm-classifier" else tiny_mistral
+    extra = ["--prm-head", "classifier"] if server == "prm-classifier" else []
     for name, pairs in (("hand", hand_pairs), ("synth", synth_pairs / "test" / "pairs.jsonl")):
-        score(pairs, tiny_mistral, tmp_path / f"{name}-hf", "hf", method)
-        score(pairs, tiny_mistral, tmp_path / f"{name}-vllm", "vllm", method, servers[method].url)
+        score(pairs, model, tmp_path / f"{name}-hf", "hf", method, extra=extra)
+        score(pairs, model, tmp_path / f"{name}-vllm", "vllm", method, servers[server].url, extra=extra)
         a, b = rewards(tmp_path / f"{name}-hf"), rewards(tmp_path / f"{name}-vllm")
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):

@@ -54,6 +54,8 @@ LINES = [
     rec("P", [step([c("a", "1")], chosen=0)]),  # 19: rating as a string
     # 20: neutral-only step yields nothing by default; chosen extends the prefix
     rec("P20", [step([c("m", 0), c("k", 1)], chosen=1), step([c("y", 1), c("n", -1)], chosen=0)]),
+    # 21: the same text rated +1 and -1 is no preference: counted, not written
+    rec("P21", [step([c("same", 1), c("same", -1)], chosen=0)]),
 ]
 
 EXPECTED = {
@@ -97,7 +99,8 @@ def test_pairs_and_rejects_match_the_rules(edge_file, tmp_path):
     p1 = [p for p in pairs if p["problem"] == "P1"]
     assert all([s["line"] for s in p["source"]] == [1, 6] for p in p1)
     counts = report["counts"]
-    assert counts["lines_read"] == 19 and counts["rejected"] == 11 and counts["skipped"] == 1
+    assert counts["lines_read"] == 20 and counts["rejected"] == 11 and counts["skipped"] == 1
+    assert counts["identical_sides_skipped"] == 1
     assert counts["duplicates_removed"] == 3 and counts["pairs_written"] == 10
     assert report["rejected_by_reason"]["bad_rating"] == 3
 
@@ -126,7 +129,7 @@ def test_strict_names_file_line_and_reason(edge_file, tmp_path):
 
 
 def test_max_bad_fraction(edge_file, tmp_path):
-    with pytest.raises(PrepareError, match="11 of 19 lines"):
+    with pytest.raises(PrepareError, match="11 of 20 lines"):
         prepare([edge_file], tmp_path / "o", PrepareOptions(progress=False, max_bad_fraction=0.5))
     prepare([edge_file], tmp_path / "o2", PrepareOptions(progress=False, max_bad_fraction=0.6))
 

@@ -82,7 +82,7 @@ def test_keys_cover_model_method_and_context():
 def args(pairs, model, out, **kw):
     base = dict(pairs=str(pairs), model=str(model), backend="hf", method="judge", url=[], served_model_name=None,
                 api_key_env=None, api_key_file=None, out=str(out), cache=None, batch_size=8, concurrency=1,
-                prm_good_token="+", prm_bad_token="-", prm_step_tag=None, prm_pooling=False, timeout=30.0,
+                prm_good_token="+", prm_bad_token="-", prm_step_tag=None, prm_head="lm", timeout=30.0,
                 health_timeout=5.0, no_progress=True)
     base.update(kw)
     return Namespace(**base)
