@@ -45,10 +45,11 @@ def prepare_vs_json(quick: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- scoring
-def _tiny(arch: str, hidden: int = 64, layers: int = 2) -> Path:
+def _tiny(arch: str, hidden: int = 64, layers: int = 2, ffn: int | None = None) -> Path:
     from stepdpo.tiny import TinySize, build_tiny_model
 
-    return build_tiny_model(arch, Path(tempfile.mkdtemp()) / arch, seed=0, size=TinySize(hidden=hidden, layers=layers))
+    size = TinySize(hidden=hidden, layers=layers, ffn=ffn or TinySize().ffn)
+    return build_tiny_model(arch, Path(tempfile.mkdtemp()) / arch, seed=0, size=size)
 
 
 def _solution(n_steps: int, seed: int) -> tuple[str, list[str]]:
@@ -69,7 +70,9 @@ def prm_single_pass(quick: bool) -> dict:
     from stepdpo.reward.hf import HFScorer
     from stepdpo.reward.scorer import MethodSpec
 
-    model = _tiny("mistral", hidden=128, layers=4)
+    # A PRM shaped like a real one (MLP 3.5x hidden, as Mistral-7B's 14336/4096), only smaller: with a
+    # toy MLP, attention's quadratic term dominates in a way it does not at 7B scale.
+    model = _tiny("mistral", hidden=256, layers=4, ffn=896)
     scorer = HFScorer(MethodSpec(str(model), "prm"))
     solutions = 8 if quick else 16
     scorer.score_prm([_solution(8, 99)])  # warm-up: first-call allocations are not the method's cost
@@ -98,11 +101,11 @@ def prm_single_pass(quick: bool) -> dict:
 
 def vllm_client_vs_raw(quick: bool) -> dict:
     """`stepdpo score --backend vllm` vs sending the same prompts to the same server as raw batched requests."""
-    from argparse import Namespace
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
 
+    from stepdpo.cli import score_args
     from stepdpo.data.pairs import read_pairs
     from stepdpo.data.prepare import PrepareOptions, prepare
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
@@ -150,11 +153,8 @@ def vllm_client_vs_raw(quick: bool) -> dict:
         t_raw, t_ours = [], []
         for i in range(3 if quick else 5):
             t_raw.append(raw_once())
-            a = Namespace(pairs=str(tmp / "pairs" / "pairs.jsonl"), model=str(model), backend="vllm", method="judge",
-                          url=[url], served_model_name=None, api_key_env=None, api_key_file=None,
-                          out=str(tmp / f"scored{i}"), cache=None, batch_size=batch, concurrency=concurrency,
-                          prm_good_token="+", prm_bad_token="-", prm_step_tag=None, prm_head="lm",
-                          timeout=120.0, health_timeout=30.0, no_progress=True)
+            a = score_args(pairs=tmp / "pairs" / "pairs.jsonl", model=model, backend="vllm", url=[url],
+                           out=tmp / f"scored{i}", batch_size=batch, concurrency=concurrency, no_progress=True)
             t_ours.append(run_score(a)["wall_seconds"])
     finally:
         server.stop()

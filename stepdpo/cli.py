@@ -149,9 +149,10 @@ def _score(sub):
 
 
 def _train(sub):
-    p = sub.add_parser("train", add_help=False, help="train with stepwise DPO (run under accelerate for multi-process)",
-                       description="Arguments: --config recipe.yaml and any StepwiseDPOConfig field as --field value.")
-    p.set_defaults(run=lambda a: __import__("stepdpo.train.run", fromlist=["main"]).main(a.rest), rest_args=True)
+    # Listed for `stepdpo --help`; main() hands `stepdpo train ...` to TrlParser (YAML + overrides),
+    # whose own --help lists every StepwiseDPOConfig field.
+    sub.add_parser("train", add_help=False, help="train with stepwise DPO (run under accelerate for multi-process)",
+                   description="Arguments: --config recipe.yaml and any StepwiseDPOConfig field as --field value.")
 
 
 def _eval(sub):
@@ -240,6 +241,21 @@ def _demo(sub):
         return 0 if summary["after"]["pair_accuracy"] > summary["before"]["pair_accuracy"] else 1
 
     p.set_defaults(run=run)
+
+
+def score_args(**values) -> argparse.Namespace:
+    """`stepdpo score` arguments with the CLI's own defaults, for calling run_score from Python."""
+    argv = ["score"]
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [flag, str(v)]
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return make_parser().parse_args(argv)
 
 
 def make_parser() -> argparse.ArgumentParser:

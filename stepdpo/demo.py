@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from argparse import Namespace
 from pathlib import Path
 
 # Per-architecture defaults, measured on 2 CPU cores (see README "Demo").
@@ -39,6 +38,7 @@ def _stage(stages: dict, name: str):
 
 def run_demo(out: str | Path = "demo_out", arch: str = "t5", seed: int = 0, problems: int | None = None,
              steps: int | None = None) -> dict:
+    from stepdpo.cli import score_args
     from stepdpo.data.pairs import read_pairs
     from stepdpo.data.prepare import PrepareOptions, prepare
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
@@ -61,13 +61,8 @@ def run_demo(out: str | Path = "demo_out", arch: str = "t5", seed: int = 0, prob
     with _stage(stages, "prepare"):
         report = prepare([data], out / "pairs", PrepareOptions(test_fraction=0.2, seed=seed, progress=False))
     with _stage(stages, "score"):
-        score_args = Namespace(
-            pairs=str(out / "pairs" / "train" / "pairs.jsonl"), model=str(model_dir), backend="hf", method="judge",
-            url=[], served_model_name=None, api_key_env=None, api_key_file=None, out=str(out / "scored"),
-            cache=None, batch_size=64, concurrency=1, prm_good_token="+", prm_bad_token="-", prm_step_tag=None,
-            prm_head="lm", timeout=60.0, health_timeout=10.0, no_progress=True,
-        )
-        score_report = run_score(score_args)
+        score_report = run_score(score_args(pairs=out / "pairs" / "train" / "pairs.jsonl", model=model_dir,
+                                            out=out / "scored", batch_size=64, no_progress=True))
     test_pairs = read_pairs(out / "pairs" / "test" / "pairs.jsonl")
     with _stage(stages, "eval_before"):
         before = evaluate(str(model_dir), test_pairs, str(model_dir), progress=False)

@@ -25,6 +25,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from stepdpo.data.jsonio import canonical_json, dumps_line
+
 KINDS = ("step", "solution")
 # Bump when render_prompt / render_completion change: reward caches are keyed on it.
 PROMPT_TEMPLATE_VERSION = 1
@@ -36,10 +38,9 @@ class PairFileError(ValueError):
 
 
 def pair_id(problem: str, prefix_steps: list[str], chosen_steps: list[str], rejected_steps: list[str]) -> str:
-    # repr() of lists of str is unambiguous and stable across Python versions, and several times
-    # faster than json.dumps on the prepare hot path.
-    payload = repr((problem, list(prefix_steps), list(chosen_steps), list(rejected_steps)))
-    return hashlib.sha1(payload.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    """sha1 of the compact JSON of [problem, prefix, chosen, rejected] (the same bytes with or without orjson)."""
+    payload = canonical_json((problem, prefix_steps, chosen_steps, rejected_steps))  # lists or tuples: same bytes
+    return hashlib.sha1(payload).hexdigest()[:20]
 
 
 def make_pair(
@@ -118,20 +119,17 @@ def read_pairs(path: str | Path, require_rewards: bool = False) -> list[dict]:
     return pairs
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False)
+def to_json_line(row: dict) -> bytes:
+    return dumps_line(row)
 
 
-def to_json_line(row: dict) -> str:
-    return _ENCODER.encode(row) + "\n"
-
-
-def write_lines(path: str | Path, lines: Iterable[str]) -> int:
-    """Write pre-encoded lines atomically (temp file + rename) so a crash never leaves half a file."""
+def write_lines(path: str | Path, lines: Iterable[bytes]) -> int:
+    """Write pre-encoded UTF-8 lines atomically (temp file + rename) so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with tmp.open("wb") as f:
         for line in lines:
             f.write(line)
             n += 1

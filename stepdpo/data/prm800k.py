@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 NEUTRAL_POLICIES = ("skip", "positive", "negative")
+_NEUTRAL_AS = {"skip": None, "positive": 1, "negative": -1}
 
 
 class RecordError(ValueError):
@@ -38,7 +39,7 @@ class Walk:
     """What one valid record yields."""
 
     problem: str
-    step_pairs: list[tuple[list[str], str, str]] = field(default_factory=list)  # (prefix, chosen, rejected)
+    step_pairs: list[tuple[tuple[str, ...], str, str]] = field(default_factory=list)  # (prefix, chosen, rejected)
     trajectory: list[str] = field(default_factory=list)  # the walked path (+ the first -1 step if any)
     has_error: bool = False
     finish_reason: str | None = None
@@ -100,41 +101,59 @@ def validate_record(record) -> tuple[str, list]:
 def walk_record(record, neutral: str = "skip") -> Walk:
     """Apply the rules to one parsed record (raises RecordError when malformed).
 
-    Validation and the walk share one pass over the steps (prepare's hot path); the whole record is
-    still validated even after the walk has stopped, so a bad later step rejects the record.
+    This is prepare's hot path: validation and the candidate collection share one loop over each
+    step's completions (the checks are _check_step's, inlined). The whole record is still validated
+    after the walk has stopped, so a bad later step rejects the record.
     """
     problem, steps = _record_header(record)
     walk = Walk(problem=problem, finish_reason=record["label"].get("finish_reason"))
-    neutral_as = {"positive": 1, "negative": -1}.get(neutral)
+    neutral_as = _NEUTRAL_AS[neutral]
     prefix: list[str] = []
+    add_pair = walk.step_pairs.append
     walking = True
     for i, step in enumerate(steps):
-        completions = _check_step(i, step)
         if not walking:
+            _check_step(i, step)
             continue
+        completions = step.get("completions") if step.__class__ is dict else None
+        if completions.__class__ is not list:
+            _check_step(i, step)  # raises with the precise reason
         good: list[str] = []
         bad: list[str] = []
         for c in completions:
+            if c.__class__ is not dict:
+                _check_step(i, step)
+            text = c.get("text")
             rating = c.get("rating")
+            if text.__class__ is not str or not text or (
+                    rating is not None and (rating.__class__ is not int or rating < -1 or rating > 1)):
+                _check_step(i, step)
             if rating is None or c.get("flagged") is True:
                 continue
             if rating == 0:
                 if neutral_as is None:
                     continue
                 rating = neutral_as
-            (good if rating == 1 else bad).append(c["text"])
-        human = _human_text(step)
+            (good if rating == 1 else bad).append(text)
+        chosen = step.get("chosen_completion")
+        if chosen is not None and not (chosen.__class__ is int and 0 <= chosen < len(completions)):
+            _check_step(i, step)
+        human = step.get("human_completion")
         if human is not None:
-            good.append(human)
+            if human.__class__ is dict:
+                human = human.get("text")
+            if human.__class__ is not str or not human:
+                human = None
+            else:
+                good.append(human)
         if good and bad:
-            frozen = list(prefix)
+            frozen = tuple(prefix)
             for g in good:
                 for b in bad:
                     if g != b:
-                        walk.step_pairs.append((frozen, g, b))
+                        add_pair((frozen, g, b))
                     else:
                         walk.identical_sides += 1
-        chosen = step.get("chosen_completion")
         if chosen is not None:
             picked = completions[chosen]
             prefix.append(picked["text"])

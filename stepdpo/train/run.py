@@ -86,7 +86,7 @@ def train(config, trainer_cls=None) -> dict:
         "preempted": trainer.preempted,
         "resumed_from": resume,
         "seconds": round(time.time() - start, 2),
-        "skipped_steps": trainer._guard.skipped,
+        "skipped_steps": trainer.skipped_steps,
         "truncation": trainer.truncation_stats,
         "log_history": trainer.state.log_history,
     }

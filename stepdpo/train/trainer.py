@@ -270,9 +270,6 @@ class StepwiseDPOTrainer(DPOTrainer):
         else:
             result = self._stepwise_loss(model, inputs, extras["step_reward_gap"], mode)
         self._log_step_metrics(extras, mode)
-        loss = result[0] if isinstance(result, tuple) else result
-        if mode == "train" and not torch.isfinite(loss.detach()).all():
-            self._nonfinite_loss_seen = True
         return result
 
     def _sequence_logps(self, model, inputs):
@@ -324,10 +321,14 @@ class StepwiseDPOTrainer(DPOTrainer):
         stats = self.truncation_stats.get("train" if mode == "train" else "eval", {})
         m["truncated_pairs"] = [stats.get("truncated", 0)]
         m["too_long_dropped_pairs"] = [stats.get("too_long_dropped", 0)]
-        m["skipped_steps"] = [self._guard.skipped if self._guard else 0]
+        m["skipped_steps"] = [self.skipped_steps]
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._guard.skipped if self._guard else 0
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss)):  # the guard skips the optimizer step on every rank
             self._nonfinite_loss_seen = True
         return loss

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 
 import pytest
 import torch
@@ -80,12 +79,9 @@ def test_keys_cover_model_method_and_context():
 
 
 def args(pairs, model, out, **kw):
-    base = dict(pairs=str(pairs), model=str(model), backend="hf", method="judge", url=[], served_model_name=None,
-                api_key_env=None, api_key_file=None, out=str(out), cache=None, batch_size=8, concurrency=1,
-                prm_good_token="+", prm_bad_token="-", prm_step_tag=None, prm_head="lm", timeout=30.0,
-                health_timeout=5.0, no_progress=True)
-    base.update(kw)
-    return Namespace(**base)
+    from stepdpo.cli import score_args
+
+    return score_args(pairs=pairs, model=model, out=out, batch_size=8, no_progress=True, health_timeout=5, **kw)
 
 
 def test_score_report_and_resume_scores_only_what_is_missing(tiny_mistral, synth_pairs, tmp_path):
