@@ -205,7 +205,7 @@ def trainer_vs_trl(quick: bool) -> dict:
     from stepdpo.data.pairs import read_pairs, render_pair
     from stepdpo.train.run import build_trainer
 
-    model = _tiny("mistral", hidden=256, layers=4)
+    model = _tiny("mistral", hidden=384, layers=4, ffn=1344)  # Mistral's proportions (MLP 3.5x hidden)
     pairs_path = _pairs_file(200)
     pairs = read_pairs(pairs_path)
     steps = 25 if quick else 60
@@ -233,7 +233,7 @@ def precompute_vs_live(quick: bool) -> dict:
     from stepdpo.config import StepwiseDPOConfig
     from stepdpo.train.run import build_trainer
 
-    model = _tiny("mistral", hidden=256, layers=4)
+    model = _tiny("mistral", hidden=384, layers=4, ffn=1344)
     pairs_path = _pairs_file(200)
     steps = 25 if quick else 60
     live_t, pre_t, precompute_s = [], [], []
