@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from stepdpo.data.jsonio import canonical_json, dumps_line
 
@@ -139,12 +139,6 @@ def write_lines(path: str | Path, lines: Iterable[bytes]) -> int:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return write_lines(path, (to_json_line(row) for row in rows))
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            yield lineno, line
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,13 +50,6 @@ def _valid_rating(r) -> bool:
     return r is None or (type(r) is int and r in (-1, 0, 1))
 
 
-def _human_text(step: dict) -> str | None:
-    human = step.get("human_completion")
-    if isinstance(human, dict):
-        human = human.get("text")
-    return human if isinstance(human, str) and human else None
-
-
 def _record_header(record) -> tuple[str, list]:
     if not isinstance(record, dict):
         raise RecordError("not_object", f"expected a JSON object, got {type(record).__name__}")
@@ -88,14 +81,6 @@ def _check_step(i: int, step) -> list:
             f"label.steps[{i}].chosen_completion is {chosen!r}; expected null or an index below {len(completions)}",
         )
     return completions
-
-
-def validate_record(record) -> tuple[str, list]:
-    """Return (problem, steps) or raise RecordError."""
-    problem, steps = _record_header(record)
-    for i, step in enumerate(steps):
-        _check_step(i, step)
-    return problem, steps
 
 
 def walk_record(record, neutral: str = "skip") -> Walk:
