@@ -46,6 +46,20 @@ def _encoder_decoder(tokenizer, prompt: str, chosen: str, rejected: str):
     return prompt_ids, chosen_ids, rejected_ids
 
 
+def tokenize_texts(tokenizer, prompt: str, chosen: str, rejected: str, *, append_eos: bool = False,
+                   encoder_decoder: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) for already-rendered texts (e.g. TRL-format rows)."""
+    if encoder_decoder:
+        p, c, r = _encoder_decoder(tokenizer, prompt, chosen, rejected)
+        if append_eos:
+            c, r = c + [tokenizer.eos_token_id], r + [tokenizer.eos_token_id]
+        return p, c, r
+    if append_eos:  # as TRL does: the EOS token's text is appended to the completion
+        eos = tokenizer.eos_token or ""
+        chosen, rejected = chosen + eos, rejected + eos
+    return _decoder_only(tokenizer, prompt, chosen, rejected)
+
+
 def tokenize_pair(
     pair: dict,
     tokenizer,
@@ -55,18 +69,13 @@ def tokenize_pair(
     encoder_decoder: bool = False,
 ) -> TokenizedPair | None:
     """Token ids of a pair, or None when it cannot fit `max_length` without cutting a step."""
-    eos = tokenizer.eos_token or ""
     for drop in range(len(pair["prefix_steps"]) + 1):
         prompt, chosen, rejected = render_pair(pair, drop_prefix_steps=drop)
+        p, c, r = tokenize_texts(tokenizer, prompt, chosen, rejected, append_eos=append_eos,
+                                 encoder_decoder=encoder_decoder)
         if encoder_decoder:
-            p, c, r = _encoder_decoder(tokenizer, prompt, chosen, rejected)
-            if append_eos:
-                c, r = c + [tokenizer.eos_token_id], r + [tokenizer.eos_token_id]
             fits = max_length is None or max(len(p), len(c), len(r)) <= max_length
         else:
-            if append_eos:  # as TRL does: the EOS token's text is appended to the completion
-                chosen, rejected = chosen + eos, rejected + eos
-            p, c, r = _decoder_only(tokenizer, prompt, chosen, rejected)
             fits = max_length is None or len(p) + max(len(c), len(r)) <= max_length
         if fits:
             return TokenizedPair(p, c, r, drop)

@@ -29,7 +29,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from stepdpo.train import losses
 from stepdpo.train.checkpoint import mark_complete
 from stepdpo.train.seq2seq import add_seq2seq_fused_head, is_encoder_decoder
-from stepdpo.train.tokenize import tokenize_pair
+from stepdpo.train.tokenize import tokenize_pair, tokenize_texts
 
 logger = logging.getLogger("stepdpo.train")
 
@@ -43,7 +43,10 @@ class NonFiniteError(RuntimeError):
 
 
 def pairs_to_dataset(pairs: list[dict]) -> Dataset:
-    """Pairs -> a datasets.Dataset with the columns tokenization needs (sources are left out)."""
+    """Pairs -> a datasets.Dataset with the columns tokenization needs (sources are left out).
+    Rows in TRL's preference format (prompt/chosen/rejected strings) are taken as they are."""
+    if pairs and "problem" not in pairs[0] and {"prompt", "chosen", "rejected"} <= set(pairs[0]):
+        return Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     columns = {
         "id": [p["id"] for p in pairs],
         "kind": [p["kind"] for p in pairs],
@@ -209,6 +212,8 @@ class StepwiseDPOTrainer(DPOTrainer):
             return dataset
         tokenizer = self._tokenizer
         enc_dec = self._encoder_decoder
+        if "problem" not in dataset.column_names and {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
+            return self._prepare_text_dataset(dataset, args, dataset_name)
 
         def tokenize(example, index):
             tp = tokenize_pair(example, tokenizer, max_length=args.max_length, append_eos=args.append_eos,
@@ -241,6 +246,24 @@ class StepwiseDPOTrainer(DPOTrainer):
             if len(tokenized) == 0:
                 raise ValueError(f"{dataset_name}: no pair fits max_length={args.max_length}")
         return tokenized.remove_columns(["dropped_prefix_steps"])
+
+    def _prepare_text_dataset(self, dataset, args, dataset_name):
+        """TRL-format rows (prompt/chosen/rejected strings): a drop-in for trl.DPOTrainer's datasets,
+        tokenized the same way but without EOS unless append_eos; length is left to the collator."""
+        if isinstance(dataset[0]["prompt"], list):
+            raise ValueError(f"{dataset_name}: conversational rows are not supported; use step pairs "
+                             "(`stepdpo prepare`) or plain-text prompt/chosen/rejected")
+        tokenizer, enc_dec = self._tokenizer, self._encoder_decoder
+
+        def tokenize(example, index):
+            p, c, r = tokenize_texts(tokenizer, example["prompt"], example["chosen"], example["rejected"],
+                                     append_eos=args.append_eos, encoder_decoder=enc_dec)
+            return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "pair_index": index}
+
+        self._pair_ids[dataset_name] = [f"{dataset_name}-row-{i}" for i in range(len(dataset))]
+        self.truncation_stats[dataset_name] = {"pairs": len(dataset), "truncated": 0, "too_long_dropped": 0}
+        return dataset.map(tokenize, with_indices=True, desc=f"Tokenizing {dataset_name} rows",
+                           remove_columns=[c for c in dataset.column_names if c != "step_reward_gap"])
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

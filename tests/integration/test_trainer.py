@@ -71,6 +71,11 @@ def test_dpo_mode_equals_trl(tiny_mistral, synth_pairs, tmp_path):
     assert b[0] == pytest.approx(LN2, abs=1e-6)
     assert b == pytest.approx(a, abs=1e-5)
     assert b[1] != pytest.approx(LN2, abs=1e-4)  # it does train
+    # a drop-in: the very dataset given to trl.DPOTrainer works too, with the same losses
+    same_rows = StepwiseDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_mistral), args=StepwiseDPOConfig(
+        output_dir=str(tmp_path / "rows"), append_eos=True, **common), train_dataset=ds, processing_class=tok)
+    same_rows.train()
+    assert losses(same_rows.state.log_history) == pytest.approx(a, abs=1e-5)
 
 
 def test_no_eos_by_default(tiny_mistral, synth_pairs, tmp_path):
