@@ -9,6 +9,7 @@ crash or a killed server loses at most the batches in flight.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ from tqdm import tqdm
 from stepdpo.data.pairs import read_pairs, write_jsonl
 from stepdpo.evaluate import reward_accuracy
 from stepdpo.reward.scorer import DEFAULT_STEP_TAG, MethodSpec, ScoreCache, ScoreError, Substep, substeps_of_pair
+from stepdpo.reward.vllm import BadRequest
 
 __all__ = ["ScoreError", "run_score", "score_pairs"]
+logger = logging.getLogger("stepdpo.score")
 
 
 def _api_key(env_name: str | None, file: str | None) -> str | None:
@@ -59,6 +62,7 @@ class _Backend:
             self.tag_id, self.good_id, self.bad_id = prm_token_ids(self.tokenizer, spec)
         self.client = VLLMClient(urls, served_name or spec.model, api_key, read_timeout=timeout,
                                  concurrency=concurrency)
+        self._no_pooling: set[str] = set()  # servers that answered /pooling with a client error
 
     # judge ---------------------------------------------------------------
     def judge_batch(self, url, subs: list[Substep]) -> list[float]:
@@ -85,7 +89,19 @@ class _Backend:
         from stepdpo.reward.scorer import prm_text
 
         prompts = [self.tokenizer(prm_text(p, s, self.spec.step_tag))["input_ids"] for p, s in solutions]
-        pooled = self.client.step_pooling(url, prompts)
+        if url in self._no_pooling:
+            return self._prm_by_logprobs(url, prompts, solutions)
+        try:
+            pooled = self.client.step_pooling(url, prompts)
+        except BadRequest as e:
+            if self.spec.head == "classifier":
+                raise ScoreError(f"{url} is not serving the PRM with STEP pooling ({e}); start it with "
+                                 "launch/serve_reward.sh --method prm --prm-head classifier") from None
+            logger.warning("%s does not serve STEP pooling (%s); scoring every step tag through prompt "
+                           "logprobs instead (same numbers; vLLM's prefix cache keeps it cheap). For one pass per "
+                           "solution start the server with launch/serve_reward.sh --method prm", url, str(e)[:120])
+            self._no_pooling.add(url)
+            return self._prm_by_logprobs(url, prompts, solutions)
         out = []
         for rows, (_, steps) in zip(pooled, solutions):
             if len(rows) != len(steps):
@@ -93,6 +109,29 @@ class _Backend:
             # lm head: rows are (good, bad) token logits; classifier head: (bad, good) label logits
             good, bad = (1, 0) if self.spec.head == "classifier" else (0, 1)
             out.append([1.0 / (1.0 + math.exp(-(r[good] - r[bad]))) for r in rows])
+        return out
+
+    def _prm_by_logprobs(self, url, prompts, solutions) -> list[list[float]]:
+        """Fallback for a plain generative server: for each step tag, the prefix up to the tag followed by
+        the good token, and by the bad one; P(good) = sigmoid(log p(good) - log p(bad)), which is exactly
+        the 2-way softmax the hf backend computes at the tag."""
+        import math
+
+        queries, shape = [], []
+        for ids, (_, steps) in zip(prompts, solutions):
+            tags = [i for i, t in enumerate(ids) if t == self.tag_id]
+            if len(tags) != len(steps):
+                raise ScoreError(f"{len(tags)} step tags for {len(steps)} steps: a step contains the tag text")
+            for pos in tags:
+                queries += [ids[: pos + 1] + [self.good_id], ids[: pos + 1] + [self.bad_id]]
+            shape.append(len(tags))
+        logps = []
+        for i in range(0, len(queries), 256):  # bounded request size
+            logps += self.client.last_token_logprobs(url, queries[i : i + 256])
+        out, k = [], 0
+        for n in shape:
+            out.append([1.0 / (1.0 + math.exp(-(logps[k + 2 * j] - logps[k + 2 * j + 1]))) for j in range(n)])
+            k += 2 * n
         return out
 
     def map(self, batches, fn, on_result):

@@ -94,6 +94,15 @@ def test_hf_and_vllm_give_the_same_rewards(server, servers, hand_pairs, synth_pa
     assert report["backend"] == "vllm" and report["scored"] == report["substeps"] and report["retries"] == 0
 
 
+def test_prm_on_a_plain_generative_server_falls_back_to_logprobs(servers, hand_pairs, tiny_mistral, tmp_path):
+    """A server started without STEP pooling still gives the hf backend's PRM rewards (per-tag logprobs)."""
+    score(hand_pairs, tiny_mistral, tmp_path / "hf", "hf", "prm")
+    res = score(hand_pairs, tiny_mistral, tmp_path / "vllm", "vllm", "prm", servers["judge"].url)
+    assert "does not serve STEP pooling" in res.stderr
+    for x, y in zip(rewards(tmp_path / "hf"), rewards(tmp_path / "vllm")):
+        assert x == pytest.approx(y, abs=1e-3)
+
+
 def test_unreachable_url_is_a_clear_error_within_seconds(hand_pairs, tiny_mistral, tmp_path):
     from tests.integration.servers import free_port
 
