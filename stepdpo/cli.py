@@ -131,7 +131,9 @@ def _score(sub):
                    help="prm: lm = rewards from the good/bad token logits (math-shepherd); classifier = a 2-label "
                    "token-classification head, P(good) = softmax[1] (Qwen2.5-Math-PRM style)")
     p.add_argument("--timeout", type=float, default=120.0, help="vLLM read timeout in seconds (default 120)")
-    p.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for /health (default 300)")
+    p.add_argument("--health-timeout", type=float, default=10.0,
+                   help="seconds to wait for /health at start (default 10: an unreachable URL fails fast; raise it "
+                   "to wait for a server that is still loading its model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a):

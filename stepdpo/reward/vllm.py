@@ -85,7 +85,8 @@ class VLLMClient:
                 if time.monotonic() >= end:
                     raise ServerUnreachable(
                         f"{url}: not healthy after {deadline_s:.0f} s (last: {last}); is the vLLM server running "
-                        "there? (launch/serve_reward.sh prints its URL when ready)"
+                        "there? (launch/serve_reward.sh prints its URL when ready; --health-timeout waits longer "
+                        "for a server still loading its model)"
                     )
                 time.sleep(poll_s)
 
