@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,11 @@ from stepdpo.reward.vllm import BadRequest
 
 __all__ = ["ScoreError", "run_score", "score_pairs"]
 logger = logging.getLogger("stepdpo.score")
+
+
+def _prob_first(a: float, b: float) -> float:
+    """The first of two outcomes' probability from their logits or log-probs: softmax([a, b])[0]."""
+    return 1.0 / (1.0 + math.exp(b - a))
 
 
 def _api_key(env_name: str | None, file: str | None) -> str | None:
@@ -68,8 +74,6 @@ class _Backend:
     def judge_batch(self, url, subs: list[Substep]) -> list[float]:
         if self.backend == "hf":
             return self.hf.score_judge(subs)
-        import math
-
         from stepdpo.reward.scorer import judge_prompt
 
         prompts = []
@@ -78,14 +82,12 @@ class _Backend:
             prompts += [ids + [self.yes_id], ids + [self.no_id]]
         lp = self.client.last_token_logprobs(url, prompts)
         # P(yes)/(P(yes)+P(no)) = sigmoid(log P(yes) - log P(no)), as the hf backend computes it
-        return [1.0 / (1.0 + math.exp(-(lp[2 * i] - lp[2 * i + 1]))) for i in range(len(subs))]
+        return [_prob_first(lp[2 * i], lp[2 * i + 1]) for i in range(len(subs))]
 
     # prm -----------------------------------------------------------------
     def prm_batch(self, url, solutions: list[tuple[str, list[str]]]) -> list[list[float]]:
         if self.backend == "hf":
             return self.hf.score_prm(solutions)
-        import math
-
         from stepdpo.reward.scorer import prm_text
 
         prompts = [self.tokenizer(prm_text(p, s, self.spec.step_tag))["input_ids"] for p, s in solutions]
@@ -108,15 +110,13 @@ class _Backend:
                 raise ScoreError(f"{url}: {len(rows)} step scores for {len(steps)} steps")
             # lm head: rows are (good, bad) token logits; classifier head: (bad, good) label logits
             good, bad = (1, 0) if self.spec.head == "classifier" else (0, 1)
-            out.append([1.0 / (1.0 + math.exp(-(r[good] - r[bad]))) for r in rows])
+            out.append([_prob_first(r[good], r[bad]) for r in rows])
         return out
 
     def _prm_by_logprobs(self, url, prompts, solutions) -> list[list[float]]:
         """Fallback for a plain generative server: for each step tag, the prefix up to the tag followed by
         the good token, and by the bad one; P(good) = sigmoid(log p(good) - log p(bad)), which is exactly
         the 2-way softmax the hf backend computes at the tag."""
-        import math
-
         queries, shape = [], []
         for ids, (_, steps) in zip(prompts, solutions):
             tags = [i for i, t in enumerate(ids) if t == self.tag_id]
@@ -130,7 +130,7 @@ class _Backend:
             logps += self.client.last_token_logprobs(url, queries[i : i + 256])
         out, k = [], 0
         for n in shape:
-            out.append([1.0 / (1.0 + math.exp(-(logps[k + 2 * j] - logps[k + 2 * j + 1]))) for j in range(n)])
+            out.append([_prob_first(logps[k + 2 * j], logps[k + 2 * j + 1]) for j in range(n)])
             k += 2 * n
         return out
 

@@ -42,10 +42,15 @@ class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
+def _is_trl_rows(columns) -> bool:
+    """TRL's preference format (prompt/chosen/rejected) rather than step pairs."""
+    return "problem" not in columns and {"prompt", "chosen", "rejected"} <= set(columns)
+
+
 def pairs_to_dataset(pairs: list[dict]) -> Dataset:
     """Pairs -> a datasets.Dataset with the columns tokenization needs (sources are left out).
     Rows in TRL's preference format (prompt/chosen/rejected strings) are taken as they are."""
-    if pairs and "problem" not in pairs[0] and {"prompt", "chosen", "rejected"} <= set(pairs[0]):
+    if pairs and _is_trl_rows(pairs[0]):
         return Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     columns = {
         "id": [p["id"] for p in pairs],
@@ -212,7 +217,7 @@ class StepwiseDPOTrainer(DPOTrainer):
             return dataset
         tokenizer = self._tokenizer
         enc_dec = self._encoder_decoder
-        if "problem" not in dataset.column_names and {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
+        if _is_trl_rows(dataset.column_names):
             return self._prepare_text_dataset(dataset, args, dataset_name)
 
         def tokenize(example, index):
