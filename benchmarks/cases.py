@@ -105,13 +105,12 @@ def vllm_client_vs_raw(quick: bool) -> dict:
 
     import requests
 
-    from stepdpo.cli import score_args
     from stepdpo.data.pairs import read_pairs
     from stepdpo.data.prepare import PrepareOptions, prepare
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
-    from stepdpo.reward.score import run_score
+    from stepdpo.reward.score import ScoreOptions, score
     from stepdpo.reward.scorer import judge_prompt, judge_token_ids, substeps_of_pair
-    from tests.integration.servers import VLLMServer, vllm_available
+    from stepdpo.testing import VLLMServer, vllm_available
 
     if not vllm_available():
         return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
@@ -153,9 +152,9 @@ def vllm_client_vs_raw(quick: bool) -> dict:
         t_raw, t_ours = [], []
         for i in range(3 if quick else 5):
             t_raw.append(raw_once())
-            a = score_args(pairs=tmp / "pairs" / "pairs.jsonl", model=model, backend="vllm", url=[url],
-                           out=tmp / f"scored{i}", batch_size=batch, concurrency=concurrency, no_progress=True)
-            t_ours.append(run_score(a)["wall_seconds"])
+            a = ScoreOptions(pairs=str(tmp / "pairs" / "pairs.jsonl"), model=str(model), backend="vllm", url=[url],
+                             out=str(tmp / f"scored{i}"), batch_size=batch, concurrency=concurrency, progress=False)
+            t_ours.append(score(a)["wall_seconds"])
     finally:
         server.stop()
     return {"substeps": len(subs), "prompts": len(prompts), "raw_s": _stats(t_raw), "stepdpo_s": _stats(t_ours),
@@ -201,7 +200,7 @@ def trainer_vs_trl(quick: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from stepdpo.config import StepwiseDPOConfig
+    from stepdpo.train.config import StepwiseDPOConfig
     from stepdpo.data.pairs import read_pairs, render_pair
     from stepdpo.train.run import build_trainer
 
@@ -230,7 +229,7 @@ def trainer_vs_trl(quick: bool) -> dict:
 
 def precompute_vs_live(quick: bool) -> dict:
     """Time per step after the reference log-probs are precomputed vs with a live reference model."""
-    from stepdpo.config import StepwiseDPOConfig
+    from stepdpo.train.config import StepwiseDPOConfig
     from stepdpo.train.run import build_trainer
 
     model = _tiny("mistral", hidden=384, layers=4, ffn=1344)

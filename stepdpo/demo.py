@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from stepdpo.errors import StepdpoError
+from stepdpo.options import check_choice, opt
+from stepdpo.tiny import ARCHS
 
 # Per-architecture defaults, measured on 2 CPU cores (see README "Demo").
 DEFAULTS = {
@@ -36,14 +41,36 @@ def _stage(stages: dict, name: str):
     return _Timer()
 
 
+@dataclass
+class DemoOptions:
+    out: str = opt("demo_out", "Output directory (summary.json, training_curves.png, every stage's files).")
+    arch: str = opt("t5", "Tiny model architecture.", choices=ARCHS)
+    seed: int = opt(0, "Seed of the model, the data and the split.")
+    problems: int | None = opt(None, f"Generated problems (default {DEFAULTS['t5']['problems']}).")
+    steps: int | None = opt(None, f"Training steps (default {DEFAULTS['t5']['steps']}).")
+    progress: bool = opt(True, "Show a progress bar (with ETA) while training.")
+
+    def __post_init__(self):
+        check_choice(self.arch, "arch", ARCHS)
+
+
+def demo(options: DemoOptions) -> dict:
+    """From nothing, on CPU: tiny model, generated PRM800K data, prepare with a held-out split by problem,
+    score, train, evaluate before and after. Writes OUT/summary.json; fails when accuracy did not rise."""
+    summary = run_demo(options.out, arch=options.arch, seed=options.seed, problems=options.problems,
+                       steps=options.steps, progress=options.progress)
+    if summary["after"]["pair_accuracy"] <= summary["before"]["pair_accuracy"]:
+        raise StepdpoError("held-out pair accuracy did not rise; see the summary above")
+    return summary
+
+
 def run_demo(out: str | Path = "demo_out", arch: str = "t5", seed: int = 0, problems: int | None = None,
-             steps: int | None = None) -> dict:
-    from stepdpo.cli import score_args
+             steps: int | None = None, progress: bool = False) -> dict:
     from stepdpo.data.pairs import read_pairs
     from stepdpo.data.prepare import PrepareOptions, prepare
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
     from stepdpo.evaluate import evaluate, plot_training_curves
-    from stepdpo.reward.score import run_score
+    from stepdpo.reward.score import ScoreOptions, score
     from stepdpo.tiny import build_tiny_model
 
     d = DEFAULTS[arch]
@@ -61,13 +88,13 @@ def run_demo(out: str | Path = "demo_out", arch: str = "t5", seed: int = 0, prob
     with _stage(stages, "prepare"):
         report = prepare([data], out / "pairs", PrepareOptions(test_fraction=0.2, seed=seed, progress=False))
     with _stage(stages, "score"):
-        score_report = run_score(score_args(pairs=out / "pairs" / "train" / "pairs.jsonl", model=model_dir,
-                                            out=out / "scored", batch_size=64, no_progress=True))
+        score_report = score(ScoreOptions(pairs=str(out / "pairs" / "train" / "pairs.jsonl"), model=str(model_dir),
+                                          out=str(out / "scored"), batch_size=64, progress=False))
     test_pairs = read_pairs(out / "pairs" / "test" / "pairs.jsonl")
     with _stage(stages, "eval_before"):
         before = evaluate(str(model_dir), test_pairs, str(model_dir), progress=False)
     with _stage(stages, "train"):
-        summary_train = _train(model_dir, out / "scored" / "pairs.jsonl", out / "run", seed, steps, d)
+        summary_train = _train(model_dir, out / "scored" / "pairs.jsonl", out / "run", seed, steps, d, progress)
     with _stage(stages, "eval_after"):
         after = evaluate(str(out / "run" / "final"), test_pairs, str(model_dir), progress=False)
         plot_training_curves(out / "run", out / "training_curves.png")
@@ -95,15 +122,15 @@ def _pick(m: dict) -> dict:
     return {k: m[k] for k in keys if k in m}
 
 
-def _train(model_dir: Path, pairs: Path, run_dir: Path, seed: int, steps: int, d: dict) -> dict:
-    from stepdpo.config import StepwiseDPOConfig
+def _train(model_dir: Path, pairs: Path, run_dir: Path, seed: int, steps: int, d: dict, progress: bool) -> dict:
+    from stepdpo.train.config import StepwiseDPOConfig
     from stepdpo.train.run import train
 
     config = StepwiseDPOConfig(
         output_dir=str(run_dir), model_name_or_path=str(model_dir), train_pairs=str(pairs), step_loss="dpo",
         beta=0.1, learning_rate=d["lr"], lr_scheduler_type="constant", max_steps=steps,
         per_device_train_batch_size=d["batch"], logging_steps=10, save_strategy="no", report_to="none",
-        use_cpu=True, seed=seed, gradient_checkpointing=False, resume="never", disable_tqdm=True,
+        use_cpu=True, seed=seed, gradient_checkpointing=False, resume="never", disable_tqdm=not progress,
     )
     return train(config)
 

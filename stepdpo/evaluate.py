@@ -16,82 +16,86 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
+from stepdpo.errors import StepdpoError
+from stepdpo.options import REQUIRED, check, opt
+from stepdpo.reward.accuracy import reward_accuracy
+from stepdpo.train.logps import prepare_for_logps, sequence_logps
 from stepdpo.train.tokenize import tokenize_pair
 
 logger = logging.getLogger("stepdpo.eval")
+DEFAULT_BETA = 0.1
 
 
-def reward_accuracy(pairs: list[dict]) -> dict | None:
-    """The reward model's agreement with the labels on scored pairs.
+class EvalError(StepdpoError):
+    pass
 
-    per_step: the first step after the shared prefix, chosen reward > rejected reward;
-    summed:   sum of chosen step rewards > sum of rejected step rewards. Ties count one half.
-    """
-    scored = [p for p in pairs if "chosen_step_rewards" in p and "rejected_step_rewards" in p]
-    if not scored:
-        return None
 
-    def acc(values):
-        return sum(1.0 if v > 0 else 0.5 if v == 0 else 0.0 for v in values) / len(values)
+@dataclass
+class EvalOptions:
+    pairs: str = opt(REQUIRED, "Held-out pairs.jsonl (or a directory holding one).")
+    out: str = opt(REQUIRED, "Output directory: metrics.json (and training_curves.png with --run-dir).")
+    model: str | None = opt(None, "Trained model directory (full model or PEFT adapter); default: RUN_DIR/final. "
+                            "Without a model, --pairs must be scored and the reward model's accuracy is reported.")
+    run_dir: str | None = opt(None, "The training output_dir: beta, max_length and append_eos come from its saved "
+                              "config (so eval sees what training saw), and its curves are plotted.")
+    ref_model: str | None = opt(None, "Reference model (default: the adapter-disabled base for an adapter, else none).")
+    beta: float | None = opt(None, f"Beta of the implicit reward margin (default: the run's, else {DEFAULT_BETA}).")
+    max_length: int | None = opt(None, "As in training (default: the run's); pairs that do not fit are skipped.")
+    append_eos: bool | None = opt(None, "As in training (default: the run's, else false).")
+    batch_size: int = opt(32, "Pairs per forward pass.")
+    hf_token_file: str | None = opt(None, "File holding a Hugging Face token (gated base models).")
+    allow_empty: bool = opt(False, "Succeed even when no pair is evaluated (otherwise that is an error).")
+    progress: bool = opt(True, "Show a progress bar.")
 
-    return {
-        "pairs": len(scored),
-        "per_step": acc([p["chosen_step_rewards"][0] - p["rejected_step_rewards"][0] for p in scored]),
-        "summed": acc([sum(p["chosen_step_rewards"]) - sum(p["rejected_step_rewards"]) for p in scored]),
-    }
+    def __post_init__(self):
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.beta is None or self.beta > 0, "beta", "must be > 0")
+        check(self.max_length is None or self.max_length > 0, "max_length", "must be > 0")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _batches(tokenized: list, batch_size: int, pad: int):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    # The trainer's collator (no truncation: tokenize_pair already fitted every pair to max_length).
+    collate = DataCollatorForPreference(pad_token_id=pad, max_length=None)
+    for start in range(0, len(tokenized), batch_size):
+        yield collate([{"prompt_ids": tp.prompt_ids, "chosen_ids": tp.chosen_ids, "rejected_ids": tp.rejected_ids}
+                       for tp in tokenized[start : start + batch_size]])
 
 
 @torch.no_grad()
 def completion_logps(model, tokenizer, pairs: list[dict], *, batch_size: int = 32, max_length: int | None = None,
                      append_eos: bool = False, progress: bool = True, desc: str = "eval") -> tuple[list, list, list]:
-    """(chosen logps, rejected logps, kept pair indices). Pairs that cannot fit max_length are left out."""
+    """(chosen logps, rejected logps, kept pair indices) through the trainer's own tokenization, collator and
+    log-prob helper. Pairs that cannot fit max_length are left out."""
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     device = next(model.parameters()).device
-    items = []
+    kept, tokenized = [], []
     for i, pair in enumerate(pairs):
         tp = tokenize_pair(pair, tokenizer, max_length=max_length, append_eos=append_eos, encoder_decoder=enc_dec)
         if tp is not None:
-            items.append((i, tp))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            kept.append(i)
+            tokenized.append(tp)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chosen, rejected = [], []
     model.eval()
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress):
-        batch = items[start : start + batch_size]
-        for side, out in (("chosen_ids", chosen), ("rejected_ids", rejected)):
-            prompts = [tp.prompt_ids for _, tp in batch]
-            comps = [getattr(tp, side) for _, tp in batch]
-            out.extend(_batch_logps(model, prompts, comps, pad, enc_dec, device))
-    return chosen, rejected, [i for i, _ in items]
-
-
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
-
-
-def _batch_logps(model, prompts, comps, pad, enc_dec, device) -> list[float]:
-    if enc_dec:
-        enc = _pad(prompts, pad).to(device)
-        mask = _pad([[1] * len(p) for p in prompts], 0).to(device)
-        labels = _pad(comps, -100).to(device)
-        logits = model(input_ids=enc, attention_mask=mask, labels=labels).logits.float()
-        targets = labels
-    else:
-        seqs = [p + c for p, c in zip(prompts, comps)]
-        ids = _pad(seqs, pad).to(device)
-        mask = _pad([[1] * len(s) for s in seqs], 0).to(device)
-        labels = _pad([[-100] * len(p) + c for p, c in zip(prompts, comps)], -100).to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-    logp = torch.log_softmax(logits, dim=-1)
-    valid = targets != -100
-    tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
-    return tok.sum(dim=1).tolist()
+    total = (len(tokenized) + batch_size - 1) // batch_size
+    for batch in tqdm(_batches(tokenized, batch_size, pad), total=total, desc=desc, disable=not progress):
+        c, r = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        chosen += c.float().tolist()
+        rejected += r.float().tolist()
+    return chosen, rejected, kept
 
 
 def pair_metrics(pairs: list[dict], c: list, r: list, kept: list, c0=None, r0=None, beta: float = 0.1) -> dict:
@@ -122,35 +126,83 @@ def pair_metrics(pairs: list[dict], c: list, r: list, kept: list, c0=None, r0=No
     return metrics
 
 
-def load_for_eval(path: str, token: str | None = None):
-    """A full model directory, or a PEFT adapter directory (its base is the reference)."""
+def _loading_args(run_cfg: dict | None) -> SimpleNamespace:
+    """How to load the model as it was trained: dtype and 4-bit settings from the run's config (GPU), or
+    float32 on CPU (exact, and what the tests compare against)."""
+    cfg = run_cfg or {}
+    on_gpu = _device().type == "cuda"
+    dtype = cfg.get("dtype", "bfloat16" if on_gpu else "float32")
+    if not on_gpu and not cfg.get("load_in_4bit"):
+        dtype = "float32"
+    return SimpleNamespace(load_in_4bit=bool(cfg.get("load_in_4bit")), dtype=dtype,
+                           bnb_4bit_compute_dtype=cfg.get("bnb_4bit_compute_dtype", "bfloat16" if on_gpu else "float32"),
+                           bnb_4bit_quant_storage=cfg.get("bnb_4bit_quant_storage"))
+
+
+def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = None):
+    """A full model directory, or a PEFT adapter directory on its base loaded as trained (a QLoRA adapter on
+    the nf4 base), on the GPU when there is one. Returns (model, tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from stepdpo.train.modeling import DTYPES, quantization_config
+
+    args = _loading_args(run_cfg)
+    device = _device()
     adapter = Path(path) / "adapter_config.json"
+    if not adapter.is_file() and not Path(path).exists() and "/" not in str(path).strip("/"):
+        raise EvalError(f"--model {path}: no such model directory")
+    base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
+    try:
+        cfg = AutoConfig.from_pretrained(base_name, token=token)
+    except OSError as e:
+        what = f"the adapter's base model {base_name!r}" if adapter.is_file() else f"--model {path}"
+        raise EvalError(f"{what} cannot be loaded ({str(e).splitlines()[0]}); pass a local directory, or make the "
+                        "hub id reachable (a token for gated models, a cached copy when offline)") from None
+    cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    kwargs = {"dtype": DTYPES[args.dtype], "token": token}
+    quant = quantization_config(args) if adapter.is_file() else None
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = cls.from_pretrained(base_name, **kwargs)
+    if quant is None:
+        model.to(device)
+    prepare_for_logps(model)  # before PEFT wraps it, as TRL requires
     if adapter.is_file():
         from peft import PeftModel
 
-        base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
-        cfg = AutoConfig.from_pretrained(base_name, token=token)
-        cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
-        base = cls.from_pretrained(base_name, dtype=torch.float32, token=token)
-        model = PeftModel.from_pretrained(base, path)
-        tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else base_name
-        return model, AutoTokenizer.from_pretrained(tok_dir, token=token)
-    cfg = AutoConfig.from_pretrained(path, token=token)
-    cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32, token=token), AutoTokenizer.from_pretrained(path, token=token)
+        model = PeftModel.from_pretrained(model, path)
+        if quant is None:
+            model.to(device)
+    tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else base_name
+    return model, AutoTokenizer.from_pretrained(tok_dir, token=token)
 
 
-def evaluate(model_path: str, pairs: list[dict], ref_model_path: str | None = None, *, beta: float = 0.1,
+def eval_settings(options: EvalOptions, run_cfg: dict | None) -> dict:
+    """beta, max_length, append_eos: the flag when given, else the run's, else the default; with where each
+    value came from."""
+    cfg = run_cfg or {}
+    out, source = {}, {}
+    for key, default in (("beta", DEFAULT_BETA), ("max_length", None), ("append_eos", False)):
+        value = getattr(options, key)
+        if value is not None:
+            out[key], source[key] = value, "flag"
+        elif key in cfg:
+            out[key], source[key] = cfg[key], "run"
+        else:
+            out[key], source[key] = default, "default"
+    out["from"] = source
+    return out
+
+
+def evaluate(model_path: str, pairs: list[dict], ref_model_path: str | None = None, *, beta: float = DEFAULT_BETA,
              batch_size: int = 32, max_length: int | None = None, append_eos: bool = False,
-             progress: bool = True, token: str | None = None) -> dict:
-    model, tokenizer = load_for_eval(model_path, token)
+             progress: bool = True, token: str | None = None, run_cfg: dict | None = None) -> dict:
+    model, tokenizer = load_for_eval(model_path, token, run_cfg)
     kw = dict(batch_size=batch_size, max_length=max_length, append_eos=append_eos, progress=progress)
     c, r, kept = completion_logps(model, tokenizer, pairs, desc="policy", **kw)
     c0 = r0 = None
     if hasattr(model, "disable_adapter") and ref_model_path is None:
-        with model.disable_adapter():
+        with model.disable_adapter():  # the base as trained is the reference: no second copy
             c0, r0, _ = completion_logps(model, tokenizer, pairs, desc="reference (adapter off)", **kw)
     elif ref_model_path:
         ref, _ = load_for_eval(ref_model_path, token)
@@ -158,6 +210,44 @@ def evaluate(model_path: str, pairs: list[dict], ref_model_path: str | None = No
     metrics = pair_metrics(pairs, c, r, kept, c0, r0, beta=beta)
     metrics["model"] = str(model_path)
     metrics["reference"] = ref_model_path or ("adapter disabled" if c0 is not None else None)
+    return metrics
+
+
+def run_eval(options: EvalOptions) -> dict:
+    """Does the policy prefer the chosen step? Writes OUT/metrics.json (pair accuracy, with and without the
+    reference, margins, per kind, the reward model's accuracy) and, with --run-dir, OUT/training_curves.png."""
+    from stepdpo.auth import resolve_token
+    from stepdpo.data.pairs import read_pairs
+    from stepdpo.train.checkpoint import load_run_config
+
+    pairs = read_pairs(options.pairs)
+    model = options.model or (str(Path(options.run_dir) / "final") if options.run_dir else None)
+    run_cfg = None
+    for where in (options.run_dir, model):
+        if where and run_cfg is None and Path(where).is_dir():
+            run_cfg = load_run_config(where)
+    settings = eval_settings(options, run_cfg)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if model:
+        metrics = evaluate(model, pairs, options.ref_model, beta=settings["beta"], batch_size=options.batch_size,
+                           max_length=settings["max_length"], append_eos=settings["append_eos"],
+                           progress=options.progress, token=resolve_token(options.hf_token_file).value,
+                           run_cfg=run_cfg)
+        if metrics.get("pairs", 0) == 0 and not options.allow_empty:
+            raise EvalError(f"--pairs {options.pairs}: no pair was evaluated ({len(pairs)} read, "
+                            f"{metrics.get('skipped_too_long', 0)} longer than max_length={settings['max_length']}); "
+                            "raise --max-length, or pass --allow-empty")
+    else:
+        metrics = {"pairs": len(pairs), "reward_model": reward_accuracy(pairs)}
+        if metrics["reward_model"] is None:
+            raise EvalError("without --model (or --run-dir), --pairs must be scored (run `stepdpo score`)")
+    metrics["settings"] = settings
+    if options.run_dir:
+        png = plot_training_curves(options.run_dir, out / "training_curves.png")
+        metrics["training_curves"] = str(png) if png else None
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
     return metrics
 
 

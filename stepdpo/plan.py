@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from stepdpo.options import check, check_choice, opt
+
+MODES = ("full", "lora", "qlora")
 GIB = 1024**3
 BUNDLED = Path(__file__).parent / "model_configs"
 BUFFER = 1.5  # DeepSpeed's additional_buffer_factor
@@ -89,8 +93,6 @@ def zero_model_states(params: int, largest_layer: int, gpus_per_node: int, nodes
 def make_plan(model: str, *, nodes: int = 1, gpus_per_node: int = 8, mode: str = "qlora", zero: int = 3,
               offload: str = "none", seq_len: int = 1024, micro_batch: int = 2, lora_r: int = 16,
               gradient_checkpointing: bool = True) -> dict:
-    if nodes < 1 or gpus_per_node < 1:
-        raise SystemExit("stepdpo plan: --nodes and --gpus-per-node must be positive")
     config = load_config(model)
     counts = count_parameters(config, lora_r)
     total_gpus = nodes * gpus_per_node
@@ -170,3 +172,51 @@ def format_plan(p: dict) -> str:
                  f"{p['logits_if_materialised_gib']:.2f} GiB (TRL's fused LM head avoids them)")
     lines.append("fits (10% headroom): " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in p["fits"].items()))
     return "\n".join(lines)
+
+
+@dataclass
+class PlanOptions:
+    """Field names follow the training recipe's, so `stepdpo plan --config RECIPE.yaml` reads the model, LoRA
+    rank, sequence length, batch, 4-bit/LoRA and gradient checkpointing from the recipe itself (other recipe
+    keys are ignored); flags override."""
+
+    model_name_or_path: str = field(default=None, metadata={
+        "help": "Model directory or hub id (only config.json is read; Mistral-7B-v0.1 and flan-t5-small are bundled).",
+        "aliases": ["--model"]})
+    nodes: int = opt(1, "Nodes.")
+    gpus_per_node: int = opt(8, "GPUs per node.")
+    mode: str | None = opt(None, "full, lora or qlora (default: from the recipe's load_in_4bit/use_peft, else qlora).",
+                           choices=MODES)
+    zero: int = opt(3, "DeepSpeed ZeRO stage.", choices=(2, 3))
+    offload: str = opt("none", "ZeRO CPU offload: optimizer states, or optimizer states and parameters.",
+                       choices=("none", "optimizer", "all"))
+    max_length: int = field(default=1024, metadata={"help": "Sequence length (prompt + step).", "aliases": ["--seq-len"]})
+    per_device_train_batch_size: int = field(default=2, metadata={
+        "help": "Pairs per GPU per step (DPO runs 2 sequences each).", "aliases": ["--micro-batch"]})
+    lora_r: int = opt(16, "LoRA rank.")
+    gradient_checkpointing: bool = opt(True, "Activation memory with gradient checkpointing.")
+    use_peft: bool = opt(False, "From a recipe: LoRA (mode lora unless load_in_4bit).")
+    load_in_4bit: bool = opt(False, "From a recipe: QLoRA (mode qlora).")
+    json: bool = opt(False, "Machine-readable output.")
+
+    def __post_init__(self):
+        check(bool(self.model_name_or_path), "model", "is required (or model_name_or_path in --config)")
+        if self.mode is None:
+            self.mode = "qlora" if self.load_in_4bit else "lora" if self.use_peft else "qlora"
+        check_choice(self.mode, "mode", MODES)
+        check_choice(self.zero, "zero", (2, 3))
+        check_choice(self.offload, "offload", ("none", "optimizer", "all"))
+        for name in ("nodes", "gpus_per_node", "max_length", "per_device_train_batch_size", "lora_r"):
+            check(getattr(self, name) >= 1, name, f"must be a positive whole number, got {getattr(self, name)}")
+
+
+def run_plan(options: PlanOptions) -> dict:
+    """Memory per GPU and per node for a training setting, from the model config alone (meta device, no
+    weights): weights, gradients, optimizer states (DeepSpeed's own ZeRO formulas), LoRA, the reference
+    model and activations."""
+    plan = make_plan(options.model_name_or_path, nodes=options.nodes, gpus_per_node=options.gpus_per_node,
+                     mode=options.mode, zero=options.zero, offload=options.offload, seq_len=options.max_length,
+                     micro_batch=options.per_device_train_batch_size, lora_r=options.lora_r,
+                     gradient_checkpointing=options.gradient_checkpointing)
+    print(json.dumps(plan, indent=2) if options.json else format_plan(plan))
+    return plan

@@ -16,7 +16,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from stepdpo.options import REQUIRED, check, check_choice, opt
+
 ARCHS = ("t5", "mistral")
+BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+# The real model each tiny architecture stands in for: every config value is copied from it except the sizes.
+REAL_CONFIGS = {"t5": "google__flan-t5-small.json", "mistral": "mistralai__Mistral-7B-v0.1.json"}
 
 # Words the reward judge needs as single tokens ("yes"/"no"), and the PRM step tag.
 _JUDGE_WORDS = ["yes", "no", "Yes", "No"]
@@ -100,65 +105,115 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 512, arch: str = "mistral")
     )
 
 
+def real_config(arch: str) -> dict:
+    """The released config of the model `arch` stands in for (bundled copy; no download)."""
+    config = json.loads((BUNDLED_CONFIGS / REAL_CONFIGS[arch]).read_text())
+    config.pop("torch_dtype", None)  # a property of the saved weights, not of the architecture
+    return config
+
+
 def build_model(arch: str, tokenizer, size: TinySize = TinySize(), seed: int = 0):
+    """A random-weight model whose config is the real one (flan-t5-small, Mistral-7B-v0.1) with only the
+    sizes changed: dropout, norms, positions, sliding window, rope and special-token conventions stay as
+    released, so a tiny stand-in hides nothing the real model would show."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM, T5Config, T5ForConditionalGeneration
 
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
     torch.manual_seed(seed)
+    values = real_config(arch)
     vocab = len(tokenizer)
     if arch == "t5":
-        config = T5Config(
-            vocab_size=vocab,
-            d_model=size.hidden,
-            d_kv=size.head_dim,
-            d_ff=size.ffn,
-            num_layers=size.layers,
-            num_decoder_layers=size.layers,
-            num_heads=size.heads,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # flan-t5 (T5 v1.1)
-            tie_word_embeddings=False,  # flan-t5 unties the LM head
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-        model = T5ForConditionalGeneration(config)
-    elif arch == "mistral":
-        config = MistralConfig(
-            vocab_size=vocab,
-            hidden_size=size.hidden,
-            intermediate_size=size.ffn,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            num_key_value_heads=size.kv_heads,  # grouped-query attention, as in Mistral-7B (32 q / 8 kv)
-            head_dim=size.head_dim,
-            max_position_embeddings=512,
-            sliding_window=None,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = MistralForCausalLM(config)
+        values.update(vocab_size=vocab, d_model=size.hidden, d_kv=size.head_dim, d_ff=size.ffn,
+                      num_layers=size.layers, num_decoder_layers=size.layers, num_heads=size.heads,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+        model = T5ForConditionalGeneration(T5Config(**values))
     else:
-        raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+        values.update(vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.ffn,
+                      num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                      num_key_value_heads=size.kv_heads, head_dim=size.head_dim,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.unk_token_id:
+            values["pad_token_id"] = tokenizer.pad_token_id
+        model = MistralForCausalLM(MistralConfig(**values))
     model.eval()
     return model
 
 
-def build_tiny_model(arch: str, out: str | Path, seed: int = 0, size: TinySize = TinySize()) -> Path:
+def build_tiny_model(arch: str, out: str | Path, seed: int = 0, size: TinySize = TinySize(),
+                     tokenizer: str = "trained") -> Path:
     """Build and save a tiny model + tokenizer to `out`; returns the directory."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed=seed, vocab_size=size.vocab, arch=arch)
-    model = build_model(arch, tokenizer, size=size, seed=seed)
+    if tokenizer == "mistral-v1":
+        if arch != "mistral":
+            raise ValueError("--tokenizer mistral-v1 is Mistral-7B's own tokenizer: use it with --arch mistral")
+        tok = mistral_v1_tokenizer()
+    else:
+        tok = build_tokenizer(seed=seed, vocab_size=size.vocab, arch=arch)
+    model = build_model(arch, tok, size=size, seed=seed)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tok.save_pretrained(out)
     (out / "stepdpo_tiny.json").write_text(
-        json.dumps({"arch": arch, "seed": seed, "size": size.__dict__}, indent=2, sort_keys=True) + "\n"
+        json.dumps({"arch": arch, "seed": seed, "size": size.__dict__, "tokenizer": tokenizer}, indent=2,
+                   sort_keys=True) + "\n"
     )
+    return out
+
+
+def mistral_v1_tokenizer():
+    """Mistral-7B-v0.1's own tokenizer (32,000 sentencepiece pieces), from the file the `mistral-common`
+    wheel ships, converted offline by transformers (needs sentencepiece + protobuf)."""
+    import importlib.resources
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    try:
+        source = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    except ModuleNotFoundError:
+        raise ValueError("--tokenizer mistral-v1 needs the mistral-common package (pip install mistral-common "
+                         "sentencepiece protobuf)") from None
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copyfile(str(source), Path(d) / "tokenizer.model")
+        # Mistral-7B-v0.1's tokenizer_config.json: a Llama sentencepiece tokenizer, BOS added, no EOS, no pad.
+        (Path(d) / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": True, "model_max_length": 32768,
+            "clean_up_tokenization_spaces": False,
+        }))
+        tok = AutoTokenizer.from_pretrained(d)
+    return tok
+
+
+@dataclass
+class TinyModelOptions:
+    arch: str = opt(REQUIRED, "t5: flan-t5-small's architecture (T5ForConditionalGeneration) shrunk; mistral: "
+                    "Mistral-7B-v0.1's (MistralForCausalLM, grouped-query attention) shrunk. Every other config "
+                    "value is the released model's.", choices=ARCHS)
+    out: str = opt(REQUIRED, "Output directory (loadable with from_pretrained).")
+    seed: int = opt(0, "Seed of the tokenizer corpus and the weights: same seed, same bytes.")
+    hidden: int = opt(TinySize.hidden, "Hidden size.")
+    layers: int = opt(TinySize.layers, "Layers (encoder and decoder each, for t5).")
+    tokenizer: str = opt("trained", "trained: a byte-level BPE trained here on arithmetic text (fast, 512 pieces); "
+                         "mistral-v1: Mistral-7B-v0.1's own 32,000-piece tokenizer from the mistral-common wheel.",
+                         choices=("trained", "mistral-v1"))
+
+    def __post_init__(self):
+        check_choice(self.arch, "arch", ARCHS)
+        check_choice(self.tokenizer, "tokenizer", ("trained", "mistral-v1"))
+        check(self.tokenizer != "mistral-v1" or self.arch == "mistral", "tokenizer", "mistral-v1 goes with --arch mistral")
+        check(self.hidden >= 32 and self.layers >= 1, "hidden", "needs hidden >= 32 and layers >= 1")
+
+
+def tiny_model(options: TinyModelOptions) -> Path:
+    """Build a tiny model of a real architecture with random weights and save it with save_pretrained."""
+    size = TinySize(hidden=options.hidden, layers=options.layers)
+    out = build_tiny_model(options.arch, options.out, seed=options.seed, size=size, tokenizer=options.tokenizer)
+    print(f"tiny {options.arch} model written to {out}")
     return out

@@ -20,24 +20,38 @@ from stepdpo.data.formats import CONVERTERS
 from stepdpo.data.jsonio import loads as fast_loads
 from stepdpo.data.pairs import pair_id, to_json_line, write_lines
 from stepdpo.data.prm800k import NEUTRAL_POLICIES, RecordError, solution_pairs, walk_record
+from stepdpo.errors import StepdpoError
+from stepdpo.options import check, check_choice, opt
 
 FORMATS = ("prm800k", "step-dpo", "steps", "trl")
 
 
-class PrepareError(RuntimeError):
-    """A run that must stop: --strict on a bad line, or too many bad lines."""
+class PrepareError(StepdpoError, RuntimeError):
+    """A run that must stop: --strict on a bad line, too many bad lines, an unreadable input."""
 
 
 @dataclass
 class PrepareOptions:
-    format: str = "prm800k"
-    neutral: str = "skip"
-    solution_pairs: int = 0  # per-problem cap of kind="solution" pairs (PRM800K); 0 = none
-    test_fraction: float = 0.0
-    seed: int = 0
-    strict: bool = False
-    max_bad_fraction: float | None = None
-    progress: bool = True
+    input: list[str] = opt(factory=list, help="Input file(s): JSON Lines, or a JSON array. Repeat the flag or "
+                           "list several files.")
+    out: str = opt(None, "Output directory: pairs.jsonl, rejects.jsonl, report.json (and train/, test/).")
+    format: str = opt("prm800k", "Input format.", choices=FORMATS)
+    neutral: str = opt("skip", "PRM800K: how to treat rating-0 steps.", choices=NEUTRAL_POLICIES)
+    solution_pairs: int = opt(0, "PRM800K: also write up to N kind=solution pairs per problem (0 = none).",
+                              metavar="N")
+    test_fraction: float = opt(0.0, "Hold out this fraction of problems as DIR/test/pairs.jsonl (split by problem).")
+    seed: int = opt(0, "Seed of the held-out split.")
+    strict: bool = opt(False, "Stop at the first bad line (naming file, line, reason).")
+    max_bad_fraction: float | None = opt(None, "Fail when more than this fraction of lines is rejected.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    def __post_init__(self):
+        check_choice(self.format, "format", FORMATS)
+        check_choice(self.neutral, "neutral", NEUTRAL_POLICIES)
+        check(0.0 <= self.test_fraction < 1.0, "test_fraction", f"must be in [0, 1), got {self.test_fraction}")
+        check(self.solution_pairs >= 0, "solution_pairs", "must be >= 0")
+        check(self.max_bad_fraction is None or 0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction",
+              "must be in [0, 1]")
 
 
 @dataclass
@@ -192,6 +206,23 @@ def split_by_problem(pairs: list[dict], test_fraction: float, seed: int) -> tupl
     train = [p for p in pairs if p["problem"] not in test_problems]
     test = [p for p in pairs if p["problem"] in test_problems]
     return train, test
+
+
+def run_prepare(options: PrepareOptions) -> dict:
+    """Turn PRM800K, Step-DPO, step-list or TRL preference data into step pairs: DIR/pairs.jsonl,
+    DIR/rejects.jsonl (every unused line with its reason), DIR/report.json."""
+    check(bool(options.input), "input", "is required: one or more input files")
+    check(bool(options.out), "out", "is required: the output directory")
+    report = prepare(options.input, options.out, options)
+    c = report["counts"]
+    print(f"{c['lines_read']} lines read, {c['records_used']} records used, {c['pairs_written']} pairs written "
+          f"({c['duplicates_removed']} duplicates removed), {c['rejected']} rejected, {c['skipped']} skipped")
+    if report["split"]:
+        s = report["split"]
+        print(f"split by problem: train {s['train_pairs']} pairs / {s['train_problems']} problems, "
+              f"test {s['test_pairs']} pairs / {s['test_problems']} problems")
+    print(f"report: {Path(options.out) / 'report.json'}")
+    return report
 
 
 def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions) -> dict:

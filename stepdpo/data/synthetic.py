@@ -18,20 +18,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from stepdpo.options import check, opt
+
 
 @dataclass(frozen=True)
 class SynthConfig:
-    problems: int = 100
-    seed: int = 0
-    min_ops: int = 2
-    max_ops: int = 4
-    max_value: int = 20  # every intermediate value stays in [0, max_value]
-    phase2_fraction: float = 0.4  # the rest is phase-1 style (alternatives at every step)
-    human_fraction: float = 0.1  # phase-1 steps whose good step was written by the labeller
-    flagged_fraction: float = 0.03
-    null_rating_fraction: float = 0.03
-    give_up_fraction: float = 0.03
-    bad_problem_fraction: float = 0.02
+    problems: int = opt(100, "Number of records.")
+    seed: int = opt(0, "Random seed.")
+    min_ops: int = opt(2, "Fewest operations per problem.")
+    max_ops: int = opt(4, "Most operations per problem.")
+    max_value: int = opt(20, "Every intermediate value stays in [0, N].")
+    phase2_fraction: float = opt(0.4, "Share of phase-2 style records (one solution, labelled until its first "
+                                 "error); the rest are phase-1 style (alternatives at every step).")
+    human_fraction: float = opt(0.1, "Phase-1 steps whose good step was written by the labeller.")
+    flagged_fraction: float = opt(0.03, "Completions flagged by the labeller.")
+    null_rating_fraction: float = opt(0.03, "Completions with a null rating.")
+    give_up_fraction: float = opt(0.03, "Records that end in give_up.")
+    bad_problem_fraction: float = opt(0.02, "Records marked bad_problem (skipped by prepare).")
+
+    def __post_init__(self):
+        check(self.problems >= 0, "problems", "must be >= 0")
+        check(1 <= self.min_ops <= self.max_ops, "min_ops", "needs 1 <= --min-ops <= --max-ops")
+        check(self.max_value >= 2, "max_value", "must be at least 2")
+        for name in ("phase2_fraction", "human_fraction", "flagged_fraction", "null_rating_fraction",
+                     "give_up_fraction", "bad_problem_fraction"):
+            check(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SynthOptions(SynthConfig):
+    out: str = opt(None, "Output .jsonl file (required).")
+
+    def __post_init__(self):
+        check(bool(self.out), "out", "is required: the .jsonl file to write")
+        super().__post_init__()
+
+
+def synth(options: SynthOptions) -> int:
+    """Write PRM800K-format jsonl: phase-1 records (alternatives at every step) and phase-2 records (one
+    solution, labelled until its first error). Wrong steps differ from correct ones only in the arithmetic."""
+    n = write_synthetic(options.out, options)
+    print(f"{n} PRM800K-format records written to {options.out}")
+    return n
 
 
 _OPS = {"add": ("+", "add"), "subtract": ("-", "subtract"), "multiply": ("*", "multiply by")}

@@ -3,32 +3,74 @@
 Work units: for `judge`, one substep per prompt; for `prm`, one solution (prefix + one side's steps)
 per prompt, which yields the rewards of every step in it. Units whose rewards are all cached are not
 sent again; every finished batch is appended to the cache before the next one is awaited, so a
-crash or a killed server loses at most the batches in flight.
+crash or a killed server loses at most the batches in flight. The backend (in-process transformers
+or vLLM servers) sits behind one interface, `RewardBackend`; this module never asks which one it has.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from stepdpo.data.pairs import read_pairs, write_jsonl
-from stepdpo.evaluate import reward_accuracy
-from stepdpo.reward.scorer import DEFAULT_STEP_TAG, MethodSpec, ScoreCache, ScoreError, Substep, substeps_of_pair
-from stepdpo.reward.vllm import BadRequest
+from stepdpo.options import REQUIRED, check, check_choice, opt
+from stepdpo.reward.accuracy import reward_accuracy
+from stepdpo.reward.scorer import (DEFAULT_STEP_TAG, MethodSpec, RewardBackend, ScoreCache, ScoreError, Substep,
+                                   substeps_of_pair)
 
-__all__ = ["ScoreError", "run_score", "score_pairs"]
+__all__ = ["ScoreError", "ScoreOptions", "score", "score_pairs"]
 logger = logging.getLogger("stepdpo.score")
 
 
-def _prob_first(a: float, b: float) -> float:
-    """The first of two outcomes' probability from their logits or log-probs: softmax([a, b])[0]."""
-    return 1.0 / (1.0 + math.exp(b - a))
+@dataclass
+class ScoreOptions:
+    pairs: str = opt(REQUIRED, "pairs.jsonl (or a directory holding one).")
+    model: str = opt(REQUIRED, "Reward model: local directory or hub id.")
+    out: str = opt(REQUIRED, "Output directory: pairs.jsonl (with rewards), score_report.json, the cache.")
+    backend: str = opt("hf", "hf: transformers in this process (GPU when there is one); vllm: batched HTTP "
+                       "requests to vLLM server(s).", choices=("hf", "vllm"))
+    method: str = opt("judge", "judge: P(yes)/(P(yes)+P(no)) from a generative judge prompt per step; prm: a process "
+                      "reward model read at a step tag after every step, one pass per solution.",
+                      choices=("judge", "prm"))
+    url: list[str] = opt(factory=list, help="vLLM server URL(s); several shard the batches (repeat the flag or "
+                         "list them).")
+    served_model_name: str | None = opt(None, "Model name the vLLM server knows (default: --model).")
+    api_key_env: str = opt("STEPDPO_API_KEY", "Environment variable holding the server API key.")
+    api_key_file: str | None = opt(None, "File holding the server API key (never put a key on a command line).")
+    hf_token_file: str | None = opt(None, "File holding a Hugging Face token for a gated reward model "
+                                    "(else HF_TOKEN, else the standard token file).")
+    cache: str | None = opt(None, "Score cache file (default OUT/score_cache.jsonl).")
+    batch_size: int = opt(32, "Prompts per forward pass / per request.")
+    concurrency: int = opt(4, "Requests in flight per vLLM server (a cap per URL).")
+    dtype: str = opt("auto", "hf backend: weights dtype; auto = bfloat16 on a GPU that supports it, else float32.",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    trust_remote_code: bool = opt(False, "Allow a reward model that ships its own Python code (e.g. "
+                                  "Qwen2.5-Math-PRM) to run it. Off: such a model is refused.")
+    prm_good_token: str = opt("+", "prm: the token meaning 'step is good'.")
+    prm_bad_token: str = opt("-", "prm: the token meaning 'step is bad'.")
+    prm_step_tag: str = opt(DEFAULT_STEP_TAG, "prm: the step tag after each step (math-shepherd: ' ки').")
+    prm_head: str = opt("lm", "prm: lm = rewards from the good/bad token logits (math-shepherd); classifier = a "
+                        "2-label token-classification head, P(good) = softmax[1] (Qwen2.5-Math-PRM style).",
+                        choices=("lm", "classifier"))
+    timeout: float = opt(120.0, "vLLM read timeout in seconds.")
+    health_timeout: float = opt(10.0, "Seconds to wait for /health at start (10: an unreachable URL fails fast; "
+                                "raise it to wait for a server that is still loading its model).")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    def __post_init__(self):
+        check_choice(self.backend, "backend", ("hf", "vllm"))
+        check_choice(self.method, "method", ("judge", "prm"))
+        check_choice(self.prm_head, "prm_head", ("lm", "classifier"))
+        check(self.backend != "vllm" or bool(self.url), "url",
+              "--backend vllm needs at least one --url (launch/serve_reward.sh prints it)")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.concurrency >= 1, "concurrency", "must be >= 1")
 
 
 def _api_key(env_name: str | None, file: str | None) -> str | None:
@@ -40,108 +82,37 @@ def _api_key(env_name: str | None, file: str | None) -> str | None:
     return os.environ.get(env_name or "", "").strip() or None
 
 
-class _Backend:
-    """Token ids + the scoring calls of one backend, behind one interface."""
+def make_backend(options: ScoreOptions, spec: MethodSpec, token: str | None) -> RewardBackend:
+    """The one place that picks a backend."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    def __init__(self, spec: MethodSpec, backend: str, urls, served_name, api_key, timeout, concurrency, token=None):
-        from stepdpo.reward.hf import HFScorer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.model, token=token)
+        config = AutoConfig.from_pretrained(spec.model, token=token)
+    except OSError as e:
+        raise ScoreError(f"--model {spec.model}: cannot load its tokenizer/config ({str(e).splitlines()[0]}). Pass a "
+                         "local model directory, or a hub id with network access (HF_HUB_OFFLINE needs a cached "
+                         "copy).") from None
+    if options.backend == "hf":
+        from stepdpo.reward.hf import load_hf_backend
 
-        self.spec = spec
-        self.backend = backend
-        if backend == "hf":
-            self.hf = HFScorer(spec, token=token)
-            self.tokenizer = self.hf.tokenizer
-            return
-        from transformers import AutoConfig, AutoTokenizer
+        return load_hf_backend(spec, token, options.dtype, options.trust_remote_code, tokenizer=tokenizer, config=config)
+    from stepdpo.reward.vllm import VLLMBackend, VLLMError
 
-        from stepdpo.reward.scorer import judge_token_ids, prm_token_ids
-        from stepdpo.reward.vllm import VLLMClient
-
-        # Only the tokenizer is loaded locally: prompts are sent as token ids, so both backends see
-        # exactly the same input.
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, token=token)
-        if getattr(AutoConfig.from_pretrained(spec.model, token=token), "is_encoder_decoder", False):
-            raise ScoreError(f"{spec.model}: vLLM does not serve encoder-decoder judges; use --backend hf")
-        if spec.method == "judge":
-            self.yes_id, self.no_id = judge_token_ids(self.tokenizer, spec.model)
-        else:
-            self.tag_id, self.good_id, self.bad_id = prm_token_ids(self.tokenizer, spec)
-        self.client = VLLMClient(urls, served_name or spec.model, api_key, read_timeout=timeout,
-                                 concurrency=concurrency)
-        self._no_pooling: set[str] = set()  # servers that answered /pooling with a client error
-
-    # judge ---------------------------------------------------------------
-    def judge_batch(self, url, subs: list[Substep]) -> list[float]:
-        if self.backend == "hf":
-            return self.hf.score_judge(subs)
-        from stepdpo.reward.scorer import judge_prompt
-
-        prompts = []
-        for s in subs:
-            ids = self.tokenizer(judge_prompt(s))["input_ids"]
-            prompts += [ids + [self.yes_id], ids + [self.no_id]]
-        lp = self.client.last_token_logprobs(url, prompts)
-        # P(yes)/(P(yes)+P(no)) = sigmoid(log P(yes) - log P(no)), as the hf backend computes it
-        return [_prob_first(lp[2 * i], lp[2 * i + 1]) for i in range(len(subs))]
-
-    # prm -----------------------------------------------------------------
-    def prm_batch(self, url, solutions: list[tuple[str, list[str]]]) -> list[list[float]]:
-        if self.backend == "hf":
-            return self.hf.score_prm(solutions)
-        from stepdpo.reward.scorer import prm_text
-
-        prompts = [self.tokenizer(prm_text(p, s, self.spec.step_tag))["input_ids"] for p, s in solutions]
-        if url in self._no_pooling:
-            return self._prm_by_logprobs(url, prompts, solutions)
-        try:
-            pooled = self.client.step_pooling(url, prompts)
-        except BadRequest as e:
-            if self.spec.head == "classifier":
-                raise ScoreError(f"{url} is not serving the PRM with STEP pooling ({e}); start it with "
-                                 "launch/serve_reward.sh --method prm --prm-head classifier") from None
-            logger.warning("%s does not serve STEP pooling (%s); scoring every step tag through prompt "
-                           "logprobs instead (same numbers; vLLM's prefix cache keeps it cheap). For one pass per "
-                           "solution start the server with launch/serve_reward.sh --method prm", url, str(e)[:120])
-            self._no_pooling.add(url)
-            return self._prm_by_logprobs(url, prompts, solutions)
-        out = []
-        for rows, (_, steps) in zip(pooled, solutions):
-            if len(rows) != len(steps):
-                raise ScoreError(f"{url}: {len(rows)} step scores for {len(steps)} steps")
-            # lm head: rows are (good, bad) token logits; classifier head: (bad, good) label logits
-            good, bad = (1, 0) if self.spec.head == "classifier" else (0, 1)
-            out.append([_prob_first(r[good], r[bad]) for r in rows])
-        return out
-
-    def _prm_by_logprobs(self, url, prompts, solutions) -> list[list[float]]:
-        """Fallback for a plain generative server: for each step tag, the prefix up to the tag followed by
-        the good token, and by the bad one; P(good) = sigmoid(log p(good) - log p(bad)), which is exactly
-        the 2-way softmax the hf backend computes at the tag."""
-        queries, shape = [], []
-        for ids, (_, steps) in zip(prompts, solutions):
-            tags = [i for i, t in enumerate(ids) if t == self.tag_id]
-            if len(tags) != len(steps):
-                raise ScoreError(f"{len(tags)} step tags for {len(steps)} steps: a step contains the tag text")
-            for pos in tags:
-                queries += [ids[: pos + 1] + [self.good_id], ids[: pos + 1] + [self.bad_id]]
-            shape.append(len(tags))
-        logps = []
-        for i in range(0, len(queries), 256):  # bounded request size
-            logps += self.client.last_token_logprobs(url, queries[i : i + 256])
-        out, k = [], 0
-        for n in shape:
-            out.append([_prob_first(logps[k + 2 * j], logps[k + 2 * j + 1]) for j in range(n)])
-            k += 2 * n
-        return out
-
-    def map(self, batches, fn, on_result):
-        if self.backend == "hf":
-            return [on_result(i, fn(None, b)) for i, b in enumerate(batches)]
-        return self.client.map_batches(batches, fn, on_result)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ScoreError(f"{spec.model}: vLLM does not serve encoder-decoder judges; use --backend hf")
+    backend = VLLMBackend(spec, tokenizer, options.url, options.served_model_name,
+                          _api_key(options.api_key_env, options.api_key_file), read_timeout=options.timeout,
+                          concurrency=options.concurrency)
+    try:
+        backend.wait_healthy(options.health_timeout)
+    except VLLMError as e:
+        raise ScoreError(str(e)) from None
+    return backend
 
 
-def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend: _Backend, *, batch_size: int = 32,
-                progress: bool = True) -> dict:
+def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend: RewardBackend, *,
+                batch_size: int = 32, progress: bool = True) -> dict:
     """Fill `chosen_step_rewards`/`rejected_step_rewards` in place; returns counts."""
     per_pair = [substeps_of_pair(p) for p in pairs]
     needed = {}
@@ -169,7 +140,7 @@ def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend:
         units = list(missing.values())
         batches = [units[i : i + batch_size] for i in range(0, len(units), batch_size)]
         counts["forward_units"] = len(units)
-        backend.map(batches, backend.judge_batch, lambda i, res: record(list(zip(batches[i], res))))
+        backend.run("judge", batches, lambda i, res: record(list(zip(batches[i], res))))
     else:
         # One solution per pair side whose steps are not all cached; its pass also scores the prefix steps.
         solutions, seen = [], set()
@@ -192,7 +163,7 @@ def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend:
                     items.append((Substep(problem, tuple(steps[:k]), step), reward))
             record(items)
 
-        backend.map(batches, backend.prm_batch, on_prm)
+        backend.run("prm", batches, on_prm)
     bar.close()
 
     for pair, sides in zip(pairs, per_pair):
@@ -204,30 +175,23 @@ def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend:
     return counts
 
 
-def run_score(a) -> dict:
+def score(options: ScoreOptions) -> dict:
+    """Add chosen_step_rewards / rejected_step_rewards to every pair. Scores are cached as they arrive;
+    re-running scores only what is missing."""
     from stepdpo.auth import resolve_token
     from stepdpo.reward.vllm import VLLMError
 
-    if a.backend == "vllm" and not a.url:
-        raise ScoreError("--backend vllm needs at least one --url (launch/serve_reward.sh prints it)")
-    spec = MethodSpec(model=a.model, method=a.method, good_token=a.prm_good_token,
-                      bad_token=a.prm_bad_token, step_tag=a.prm_step_tag or DEFAULT_STEP_TAG,
-                      head=getattr(a, "prm_head", "lm"))
-    pairs = read_pairs(a.pairs)
-    out = Path(a.out)
+    spec = MethodSpec(model=options.model, method=options.method, good_token=options.prm_good_token,
+                      bad_token=options.prm_bad_token, step_tag=options.prm_step_tag, head=options.prm_head)
+    pairs = read_pairs(options.pairs)
+    out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    token = resolve_token(getattr(a, "hf_token_file", None)).value
-    backend = _Backend(spec, a.backend, a.url, a.served_model_name, _api_key(a.api_key_env, a.api_key_file),
-                       a.timeout, a.concurrency, token=token)
-    if a.backend == "vllm":
-        try:
-            backend.client.wait_healthy(a.health_timeout)
-        except VLLMError as e:
-            raise ScoreError(str(e)) from None
-    cache = ScoreCache(a.cache or out / "score_cache.jsonl")
+    token = resolve_token(options.hf_token_file).value
+    backend = make_backend(options, spec, token)
+    cache = ScoreCache(options.cache or out / "score_cache.jsonl")
     start = time.perf_counter()
     try:
-        counts = score_pairs(pairs, spec, cache, backend, batch_size=a.batch_size, progress=not a.no_progress)
+        counts = score_pairs(pairs, spec, cache, backend, batch_size=options.batch_size, progress=options.progress)
     except VLLMError as e:
         raise ScoreError(f"{e} (scores so far are cached in {cache.path}; re-run to resume)") from None
     finally:
@@ -236,18 +200,16 @@ def run_score(a) -> dict:
     write_jsonl(out / "pairs.jsonl", pairs)
     report = {
         **counts,
-        "failures": 0,
         "wall_seconds": round(wall, 3),
         "substeps_per_second": round(counts["scored"] / wall, 2) if wall > 0 and counts["scored"] else 0.0,
-        "model": a.model,
-        "method": a.method,
-        "backend": a.backend,
-        "urls": a.url,
+        "model": options.model,
+        "method": options.method,
+        "backend": options.backend,
+        "urls": options.url,
+        **backend.report(),
         "reward_accuracy": reward_accuracy(pairs),
         "pairs_file": str(out / "pairs.jsonl"),
     }
-    if a.backend == "vllm":
-        report["requests_sent"] = backend.client.requests_sent
-        report["retries"] = backend.client.retries
     (out / "score_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("substeps", "scored", "cache_hits", "substeps_per_second")}))
     return report

@@ -18,13 +18,16 @@ template version, problem, previous steps, step), so a re-run after a crash scor
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from stepdpo.data.pairs import PROMPT_TEMPLATE_VERSION, render_prompt
+from stepdpo.errors import StepdpoError
 
 JUDGE_QUESTION = "Step: {step}\nIs this step correct? Answer:"
 YES_VARIANTS = (" yes", "yes", " Yes", "Yes")
@@ -32,8 +35,35 @@ NO_VARIANTS = (" no", "no", " No", "No")
 DEFAULT_STEP_TAG = " ки"  # math-shepherd's
 
 
-class ScoreError(RuntimeError):
+class ScoreError(StepdpoError, RuntimeError):
     """A scoring run that cannot start or continue; the message says why and what to do."""
+
+
+def prob_first(a: float, b: float) -> float:
+    """softmax([a, b])[0] from two logits or log-probs, stable for any gap (no overflow at |a - b| > 709).
+    For a judge, P(yes) / (P(yes) + P(no)) = prob_first(log P(yes), log P(no))."""
+    d = b - a
+    if d > 0:
+        e = math.exp(-d)
+        return e / (1.0 + e)
+    return 1.0 / (1.0 + math.exp(d))
+
+
+class RewardBackend(abc.ABC):
+    """Where rewards are computed: in this process (reward.hf) or on vLLM servers (reward.vllm).
+    `score` only sees this interface: the tokenizer (prompts are token ids on both backends, so both see
+    exactly the same input) and `run`, which scores batches of work units and hands each batch's result
+    to `on_result(i, result)` as soon as it is ready (so it can be cached before the next one)."""
+
+    tokenizer = None
+
+    @abc.abstractmethod
+    def run(self, method: str, batches: list, on_result) -> None:
+        """method "judge": a batch is a list of Substep, the result one reward each;
+        method "prm": a batch is a list of (problem, steps), the result one reward per step each."""
+
+    def report(self) -> dict:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -132,9 +162,13 @@ class ScoreCache:
                 for line in f:
                     try:
                         row = json.loads(line)
-                        self.values[row["key"]] = float(row["reward"])
+                        key, value = row["key"], row["reward"]
                     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                         continue  # a torn last line from a crash: that score is simply recomputed
+                    if (isinstance(key, str) and not isinstance(value, bool) and isinstance(value, (int, float))
+                            and math.isfinite(value) and 0.0 <= value <= 1.0):
+                        self.values[key] = float(value)
+                    # anything else (NaN, a string, a boolean) is ignored and recomputed, never served
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")
 
@@ -145,6 +179,10 @@ class ScoreCache:
         return self.values.get(key)
 
     def put_many(self, items: list[tuple[str, float]]) -> None:
+        for k, v in items:  # a non-finite reward is a bug upstream; never let it into the cache
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+                raise ScoreError(f"reward {v!r} for cache key {k} is not a probability in [0, 1]; nothing of "
+                                 "this batch was cached")
         new = [(k, v) for k, v in items if k not in self.values]
         for k, v in new:
             self.values[k] = v

@@ -7,8 +7,11 @@ Knobs, and why each exists:
 * max_retries (5) with exponential backoff and full jitter: only 429 (rate limited), 5xx (server
   overloaded or restarting) and timeouts are retried; those are transient. Other 4xx mean the request
   is wrong and retrying cannot help. Connection refused is not retried: the server is not there.
-* concurrency (per URL): bounds requests in flight so the server's queue, not ours, holds the work.
+* concurrency (per URL): a semaphore per URL bounds the requests in flight to each server, so the
+  server's queue, not ours, holds the work, and a slow replica never gets more than its share.
 * Several URLs: batches are sharded round-robin across replicas; results are reassembled in order.
+  A batch whose URL fails (unreachable, or its retry budget spent) is sent to another URL; a URL that
+  fails `fail_after` times in a row is taken out of rotation, and `url_stats` says so for the report.
 * health wait: `/health` is polled until 200 or a deadline at start, so a starting server is waited
   for and a dead one is reported by URL.
 The API key comes from an env var or a file; it is sent as a header and never logged or put in argv.
@@ -16,11 +19,17 @@ The API key comes from an env var or a file; it is sent as a header and never lo
 
 from __future__ import annotations
 
+import logging
+import math
 import random
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import requests
+
+logger = logging.getLogger("stepdpo.vllm")
 
 
 class VLLMError(RuntimeError):
@@ -49,7 +58,7 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 class VLLMClient:
     def __init__(self, urls: list[str], model: str, api_key: str | None = None, *, connect_timeout: float = 5.0,
                  read_timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5, max_backoff: float = 8.0,
-                 concurrency: int = 4):
+                 concurrency: int = 4, fail_after: int = 2):
         if not urls:
             raise ValueError("at least one --url is needed for --backend vllm")
         self.urls = [u.rstrip("/") for u in urls]
@@ -59,6 +68,14 @@ class VLLMClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.concurrency = concurrency
+        self.fail_after = fail_after
+        self._lock = threading.Lock()
+        self._slots = {u: threading.BoundedSemaphore(concurrency) for u in self.urls}
+        self._failures_in_a_row: dict[str, int] = defaultdict(int)
+        self.dead: set[str] = set()
+        self.url_stats = {u: {"batches": 0, "failures": 0, "failed_over": 0, "in_rotation": True} for u in self.urls}
+        self.max_in_flight = {u: 0 for u in self.urls}
+        self._in_flight = {u: 0 for u in self.urls}
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -122,16 +139,15 @@ class VLLMClient:
 
     # ------------------------------------------------------------------ batched calls
     def map_batches(self, batches: list, fn, on_result=None) -> list:
-        """Run fn(url, batch) for every batch, sharded over URLs with bounded concurrency; ordered results.
-
-        `on_result(i, result)` is called as each batch finishes (to persist scores as they arrive).
-        """
+        """Run fn(url, batch) for every batch, sharded over URLs, at most `concurrency` in flight per URL;
+        ordered results. `on_result(i, result)` is called as each batch finishes (to persist scores as
+        they arrive). A batch whose URL fails goes to another URL (see the module docstring)."""
         results = [None] * len(batches)
         workers = max(1, self.concurrency * len(self.urls))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(fn, self.urls[i % len(self.urls)], b): i for i, b in enumerate(batches)}
+            futures = {pool.submit(self._run_one, i, fn, b): i for i, b in enumerate(batches)}
             try:
-                for fut in _as_completed(futures):
+                for fut in as_completed(futures):
                     i = futures[fut]
                     results[i] = fut.result()
                     if on_result:
@@ -142,6 +158,54 @@ class VLLMClient:
                 raise
         return results
 
+    def _pick(self, i: int, tried: set[str]) -> str | None:
+        with self._lock:
+            live = [u for u in self.urls if u not in self.dead and u not in tried]
+            if not live:
+                return None
+            preferred = self.urls[i % len(self.urls)]
+            return preferred if preferred in live else min(live, key=lambda u: self._in_flight[u])
+
+    def _run_one(self, i: int, fn, batch):
+        tried: set[str] = set()
+        last: VLLMError | None = None
+        while True:
+            url = self._pick(i, tried)
+            if url is None:
+                raise last
+            with self._slots[url]:
+                with self._lock:
+                    self._in_flight[url] += 1
+                    self.max_in_flight[url] = max(self.max_in_flight[url], self._in_flight[url])
+                try:
+                    result = fn(url, batch)
+                except (ServerUnreachable, RetryBudgetExhausted) as e:
+                    last = e
+                    tried.add(url)
+                    self._failed(url, e, tried)
+                    continue
+                finally:
+                    with self._lock:
+                        self._in_flight[url] -= 1
+            with self._lock:
+                self._failures_in_a_row[url] = 0
+                self.url_stats[url]["batches"] += 1
+            return result
+
+    def _failed(self, url: str, error: VLLMError, tried: set[str]) -> None:
+        with self._lock:
+            others = any(u not in tried and u not in self.dead for u in self.urls)
+            stats = self.url_stats[url]
+            stats["failures"] += 1
+            self._failures_in_a_row[url] += 1
+            if others:
+                stats["failed_over"] += 1
+            if self._failures_in_a_row[url] >= self.fail_after and url not in self.dead and len(self.urls) > 1:
+                self.dead.add(url)
+                stats["in_rotation"] = False
+                logger.warning("%s failed %d times in a row (%s); its batches go to the other URLs", url,
+                               self._failures_in_a_row[url], str(error)[:160])
+
     def last_token_logprobs(self, url: str, prompts: list[list[int]]) -> list[float]:
         """log P(last token | the tokens before it) for each token-id prompt (echo, no generation)."""
         payload = {"model": self.model, "prompt": prompts, "max_tokens": 0, "echo": True, "prompt_logprobs": 0,
@@ -151,11 +215,8 @@ class VLLMClient:
             choices = sorted(data["choices"], key=lambda c: c["index"])
             if len(choices) != len(prompts):
                 raise MalformedResponse(f"{url}: {len(choices)} choices for {len(prompts)} prompts")
-            out = []
-            for c, prompt in zip(choices, prompts):
-                entry = c["prompt_logprobs"][-1]
-                out.append(float(entry[str(prompt[-1])]["logprob"]))
-            return out
+            return [_logprob(url, c["prompt_logprobs"][-1][str(prompt[-1])]["logprob"])
+                    for c, prompt in zip(choices, prompts)]
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise MalformedResponse(f"{url}/v1/completions: unexpected answer shape ({type(e).__name__}: {e})") from None
 
@@ -173,12 +234,124 @@ class VLLMClient:
             rows = sorted(data["data"], key=lambda d: d["index"])
             if len(rows) != len(prompts):
                 raise MalformedResponse(f"{url}: {len(rows)} results for {len(prompts)} inputs")
-            return [[list(map(float, r)) for r in d["data"]] for d in rows]
+            return [[[_finite(url, "/pooling", v) for v in r] for r in d["data"]] for d in rows]
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise MalformedResponse(f"{url}/pooling: unexpected answer shape ({type(e).__name__}: {e})") from None
 
 
-def _as_completed(futures):
-    from concurrent.futures import as_completed
 
-    return as_completed(futures)
+def _finite(url: str, route: str, value) -> float:
+    """A number from the server: a real, finite one, or a typed error naming the URL (never a NaN that
+    would end up in a cache or a reward)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MalformedResponse(f"{url}{route}: the server returned {value!r} where a finite number belongs; "
+                                "check the served model (dtype overflow?) and re-run: nothing of it was cached")
+    return float(value)
+
+
+def _logprob(url: str, value) -> float:
+    value = _finite(url, "/v1/completions", value)
+    if value > 1e-4:  # a log-probability is <= 0 (allow float rounding)
+        raise MalformedResponse(f"{url}/v1/completions: log-probability {value} > 0; this is not a log-probability")
+    return value
+
+
+class VLLMBackend:
+    """Rewards from vLLM servers (a RewardBackend; see stepdpo.reward.scorer).
+
+    Only the tokenizer is loaded here: prompts are sent as token ids, so both backends see exactly the
+    same input. judge: prompt logprobs (`echo`, `max_tokens: 0`) of the prompt followed by the yes and
+    the no token. prm: the server's STEP token pooling, one pass per solution; a plain generative server
+    falls back to per-tag prompt logprobs (same numbers, several requests per solution).
+    """
+
+    def __init__(self, spec, tokenizer, urls: list[str], served_name: str | None, api_key: str | None, *,
+                 read_timeout: float = 120.0, concurrency: int = 4):
+        from stepdpo.reward.scorer import ScoreError, judge_token_ids, prm_token_ids
+
+        self.spec = spec
+        self.tokenizer = tokenizer
+        if spec.method == "judge":
+            self.yes_id, self.no_id = judge_token_ids(tokenizer, spec.model)
+        else:
+            self.tag_id, self.good_id, self.bad_id = prm_token_ids(tokenizer, spec)
+        self.client = VLLMClient(urls, served_name or spec.model, api_key, read_timeout=read_timeout,
+                                 concurrency=concurrency)
+        self._no_pooling: set[str] = set()  # servers that answered /pooling with a client error
+        self._error = ScoreError
+
+    def wait_healthy(self, deadline_s: float) -> None:
+        self.client.wait_healthy(deadline_s)
+
+    def run(self, method: str, batches: list, on_result) -> None:
+        self.client.map_batches(batches, self.judge if method == "judge" else self.prm, on_result)
+
+    def report(self) -> dict:
+        c = self.client
+        return {"requests_sent": c.requests_sent, "retries": c.retries, "per_url": c.url_stats,
+                "max_in_flight_per_url": c.max_in_flight,
+                "failed_over_batches": sum(s["failed_over"] for s in c.url_stats.values()),
+                "urls_out_of_rotation": sorted(c.dead)}
+
+    # judge ---------------------------------------------------------------
+    def judge(self, url: str, subs) -> list[float]:
+        from stepdpo.reward.scorer import judge_prompt, prob_first
+
+        prompts = []
+        for s in subs:
+            ids = self.tokenizer(judge_prompt(s))["input_ids"]
+            prompts += [ids + [self.yes_id], ids + [self.no_id]]
+        lp = self.client.last_token_logprobs(url, prompts)
+        return [prob_first(lp[2 * i], lp[2 * i + 1]) for i in range(len(subs))]
+
+    # prm -----------------------------------------------------------------
+    def prm(self, url: str, solutions: list[tuple[str, list[str]]]) -> list[list[float]]:
+        from stepdpo.reward.scorer import prm_text, prob_first
+
+        prompts = [self.tokenizer(prm_text(p, s, self.spec.step_tag))["input_ids"] for p, s in solutions]
+        if url in self._no_pooling:
+            return self._prm_by_logprobs(url, prompts, solutions)
+        try:
+            pooled = self.client.step_pooling(url, prompts)
+        except BadRequest as e:
+            if self.spec.head == "classifier":
+                raise self._error(f"{url} is not serving the PRM with STEP pooling ({e}); start it with "
+                                  "launch/serve_reward.sh --method prm --prm-head classifier") from None
+            logger.warning("%s does not serve STEP pooling (%s); scoring every step tag through prompt "
+                           "logprobs instead (same numbers; vLLM's prefix cache keeps it cheap). For one pass per "
+                           "solution start the server with launch/serve_reward.sh --method prm", url, str(e)[:120])
+            self._no_pooling.add(url)
+            return self._prm_by_logprobs(url, prompts, solutions)
+        out = []
+        # lm head: rows are (good, bad) token logits; classifier head: (bad, good) label logits
+        good, bad = (1, 0) if self.spec.head == "classifier" else (0, 1)
+        for rows, (_, steps) in zip(pooled, solutions):
+            if len(rows) != len(steps):
+                raise MalformedResponse(f"{url}/pooling: {len(rows)} step scores for {len(steps)} steps")
+            if any(len(r) <= max(good, bad) for r in rows):
+                raise MalformedResponse(f"{url}/pooling: expected 2 values per step tag")
+            out.append([prob_first(r[good], r[bad]) for r in rows])
+        return out
+
+    def _prm_by_logprobs(self, url, prompts, solutions) -> list[list[float]]:
+        """Fallback for a plain generative server: for each step tag, the prefix up to the tag followed by
+        the good token, and by the bad one; P(good) = sigmoid(log p(good) - log p(bad)), which is exactly
+        the 2-way softmax the hf backend computes at the tag."""
+        from stepdpo.reward.scorer import prob_first
+
+        queries, shape = [], []
+        for ids, (_, steps) in zip(prompts, solutions):
+            tags = [i for i, t in enumerate(ids) if t == self.tag_id]
+            if len(tags) != len(steps):
+                raise self._error(f"{len(tags)} step tags for {len(steps)} steps: a step contains the tag text")
+            for pos in tags:
+                queries += [ids[: pos + 1] + [self.good_id], ids[: pos + 1] + [self.bad_id]]
+            shape.append(len(tags))
+        logps = []
+        for i in range(0, len(queries), 256):  # bounded request size
+            logps += self.client.last_token_logprobs(url, queries[i : i + 256])
+        out, k = [], 0
+        for n in shape:
+            out.append([prob_first(logps[k + 2 * j], logps[k + 2 * j + 1]) for j in range(n)])
+            k += 2 * n
+        return out

@@ -46,3 +46,33 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
     ckpts = complete_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+RUN_CONFIG = "stepdpo_config.json"
+
+
+def save_run_config(args, directory: str | Path) -> Path | None:
+    """The training config, secrets removed, beside the weights: `stepdpo eval --run-dir` reads beta,
+    max_length and append_eos from it, and a person can see how a checkpoint was made."""
+    from stepdpo.train.config import SECRET_FIELDS
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    values = args.to_dict()
+    for key in SECRET_FIELDS:
+        values.pop(key, None)
+    path = directory / RUN_CONFIG
+    tmp = path.with_name(RUN_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2, default=str, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_config(path: str | Path) -> dict | None:
+    """The saved training config of a run directory, its final model, or a checkpoint."""
+    path = Path(path)
+    for candidate in (path / RUN_CONFIG, path / "final" / RUN_CONFIG):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None

@@ -28,6 +28,13 @@ STEP_LOSSES = ("dpo", "step_weighted", "step_margin", "seed")
 WEIGHT_FNS = ("sigmoid", "linear")
 
 
+def implicit_delta(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                   ref_rejected: torch.Tensor) -> torch.Tensor:
+    """delta = (c - c0) - (r - r0): how much more the policy moved towards the chosen step than the rejected
+    one, relative to the reference (the DPO implicit reward difference over beta)."""
+    return (chosen - ref_chosen) - (rejected - ref_rejected)
+
+
 def reward_weight(reward_gap: torch.Tensor, fn: str = "sigmoid", gamma: float = 1.0) -> torch.Tensor:
     """Weight of a pair from its step-reward gap.
 

@@ -38,11 +38,11 @@ def check_compatibility(args, model_config) -> None:
             "Remove device_map (stepdpo never sets one under DeepSpeed)."
         )
     storage = args.bnb_4bit_quant_storage
-    if args.load_in_4bit and stage == 3 and storage is not None and storage != args.model_dtype:
+    if args.load_in_4bit and stage == 3 and storage is not None and storage != args.dtype:
         raise ModelConfigError(
-            f"bnb_4bit_quant_storage={storage} differs from model_dtype={args.model_dtype}: ZeRO-3 shards the packed "
+            f"bnb_4bit_quant_storage={storage} differs from dtype={args.dtype}: ZeRO-3 shards the packed "
             "4-bit weights only when they are stored in the model dtype. Remove bnb_4bit_quant_storage (it then "
-            "follows model_dtype) or set it to the model dtype."
+            "follows dtype) or set it to the model dtype."
         )
     quant = getattr(model_config, "quantization_config", None)
     method = (quant or {}).get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
@@ -51,9 +51,9 @@ def check_compatibility(args, model_config) -> None:
             f"{args.model_name_or_path} is pre-quantised with {method.upper()}, which ZeRO-3 cannot shard. "
             "Use the unquantised checkpoint with load_in_4bit=true (QLoRA), or ZeRO-2 / DDP."
         )
-    if args.model_dtype == "bfloat16" and not args.use_cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if args.dtype == "bfloat16" and not args.use_cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ModelConfigError(
-            "model_dtype=bfloat16 but this GPU does not support bf16 (pre-Ampere). Use model_dtype=float16 with "
+            "dtype=bfloat16 but this GPU does not support bf16 (pre-Ampere). Use dtype=float16 with "
             "fp16=true, or float32."
         )
     if args.load_in_4bit and args.bnb_4bit_compute_dtype not in ("bfloat16", "float32", "float16"):
@@ -71,17 +71,17 @@ def quantization_config(args):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=DTYPES[args.bnb_4bit_compute_dtype],
-        bnb_4bit_quant_storage=DTYPES[args.bnb_4bit_quant_storage or args.model_dtype],
+        bnb_4bit_quant_storage=DTYPES[args.bnb_4bit_quant_storage or args.dtype],
     )
 
 
 def lora_config(args, encoder_decoder: bool):
-    if not args.use_lora:
+    if not args.use_peft:
         return None
     from peft import LoraConfig
 
-    targets = args.lora_target_modules
-    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    targets = list(args.lora_target_modules)
+    target_modules = "all-linear" if targets == ["all-linear"] else targets
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -109,7 +109,10 @@ def load_model(args, token: str | None = None, for_training: bool = True):
     check_compatibility(args, model_config)
     encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
     cls = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
-    kwargs = {"revision": args.model_revision, "token": token, "dtype": DTYPES[args.model_dtype]}
+    kwargs = {"revision": args.model_revision, "token": token, "dtype": DTYPES[args.dtype],
+              "trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
     quant = quantization_config(args)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -127,3 +130,28 @@ def load_model(args, token: str | None = None, for_training: bool = True):
             or {"use_reentrant": zero_stage(args) == 3},
         )
     return model, lora_config(args, encoder_decoder)
+
+
+# Module attributes that hold a dropout probability as a plain float (read at forward time), e.g. T5Attention's
+# `self.dropout = config.dropout_rate` and Mistral's `self.attention_dropout`.
+_DROPOUT_FLOATS = ("dropout", "attention_dropout", "dropout_rate", "attn_dropout", "dropout_p")
+
+
+def disable_dropout(model) -> int:
+    """Every dropout off, not only `nn.Dropout` modules: TRL's `disable_dropout_in_model` sets `nn.Dropout.p`
+    and misses T5's attention dropout, a float read from the config at init (flan-t5-small: 0.1), so the first
+    DPO loss was not ln 2. Like TRL's, it includes LoRA's dropout. Returns how many were set."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p, n = 0.0, n + 1
+        for attr in _DROPOUT_FLOATS:
+            if isinstance(getattr(module, attr, None), float) and getattr(module, attr) != 0.0:
+                setattr(module, attr, 0.0)
+                n += 1
+    config = getattr(model, "config", None)
+    for key in list(vars(config)) if config is not None else []:
+        if ("dropout" in key) and isinstance(getattr(config, key), float):
+            setattr(config, key, 0.0)
+    return n
+

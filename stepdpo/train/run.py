@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,17 +17,20 @@ logger = logging.getLogger("stepdpo.train")
 
 
 def parse_config(argv: list[str] | None = None):
-    from trl import TrlParser
+    """StepwiseDPOConfig from `--config recipe.yaml` plus overrides (the same parser as `stepdpo train`)."""
+    from stepdpo.cli import parse
 
-    from stepdpo.config import StepwiseDPOConfig
-
-    parser = TrlParser((StepwiseDPOConfig,), prog="stepdpo train")
-    (config,) = parser.parse_args_and_config(argv)
-    if not config.model_name_or_path:
-        parser.error("--model_name_or_path is required (in the recipe or on the command line)")
-    if not config.train_pairs:
-        parser.error("--train_pairs is required: a pairs.jsonl from `stepdpo prepare`")
+    config, _ = parse("train", list(argv or []))
     return config
+
+
+def check_config(config) -> None:
+    from stepdpo.errors import OptionsError
+
+    if not config.model_name_or_path:
+        raise OptionsError("--model_name_or_path is required (in the recipe or on the command line)")
+    if not config.train_pairs:
+        raise OptionsError("--train_pairs is required: a pairs.jsonl from `stepdpo prepare`")
 
 
 def build_trainer(config, callbacks=None, trainer_cls=None):
@@ -39,10 +41,13 @@ def build_trainer(config, callbacks=None, trainer_cls=None):
     from stepdpo.train.trainer import StepwiseDPOTrainer
 
     token = resolve_token(config.hf_token_file).value
-    train_pairs = read_pairs(config.train_pairs, require_rewards=config.step_loss != "dpo")
+    # Read (and validate) both files before any model loads: unscored pairs for a step-reward loss, or a
+    # malformed line, fail here, not at the first evaluation after hours of training.
+    needs_rewards = config.step_loss != "dpo"
+    train_pairs = read_pairs(config.train_pairs, require_rewards=needs_rewards)
     if config.max_train_pairs:
         train_pairs = train_pairs[: config.max_train_pairs]
-    eval_pairs = read_pairs(config.eval_pairs) if config.eval_pairs else None
+    eval_pairs = read_pairs(config.eval_pairs, require_rewards=needs_rewards) if config.eval_pairs else None
     tokenizer = load_tokenizer(config.model_name_or_path, config.model_revision, token)
     model, peft_config = load_model(config, token=token)
     cls = trainer_cls or StepwiseDPOTrainer
@@ -71,7 +76,7 @@ def resume_point(config) -> str | None:
 
 
 def train(config, trainer_cls=None) -> dict:
-    from stepdpo.train.checkpoint import mark_complete
+    from stepdpo.train.checkpoint import mark_complete, save_run_config
     from stepdpo.train.trainer import install_preemption_signal
 
     install_preemption_signal()
@@ -95,6 +100,7 @@ def train(config, trainer_cls=None) -> dict:
         trainer.save_model(str(final))
         if trainer.is_world_process_zero():
             trainer.processing_class.save_pretrained(str(final))
+            save_run_config(config, final)
             mark_complete(final)
     if trainer.is_world_process_zero():
         out = Path(config.output_dir)
@@ -104,15 +110,18 @@ def train(config, trainer_cls=None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO if os.environ.get("LOCAL_RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_config(argv)
+def train_main(config) -> dict:
+    """Train with stepwise DPO. Arguments: --config recipe.yaml plus any StepwiseDPOConfig field as
+    --field value (the command line overrides the file). Run under `accelerate launch` (launch/train.sh)
+    for DDP / DeepSpeed; on its own for one process."""
+    check_config(config)
     summary = train(config)
     if summary["preempted"]:
         logger.warning("stopped for pre-emption at step %d; a checkpoint was saved", summary["global_step"])
-    return 0
+    return summary
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `accelerate launch -m stepdpo.train.run --config R.yaml ...`
+    from stepdpo.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -23,11 +23,15 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from stepdpo.errors import StepdpoError
 from stepdpo.train import losses
-from stepdpo.train.checkpoint import mark_complete
+from stepdpo.train.checkpoint import mark_complete, save_run_config
+from stepdpo.train.logps import sequence_logps
+from stepdpo.train.modeling import disable_dropout
 from stepdpo.train.seq2seq import add_seq2seq_fused_head, is_encoder_decoder
 from stepdpo.train.tokenize import tokenize_pair, tokenize_texts
 
@@ -35,11 +39,14 @@ logger = logging.getLogger("stepdpo.train")
 
 # Columns the collator carries next to TRL's, popped before the model sees the batch.
 EXTRA_KEYS = ("step_reward_gap", "pair_index")
-_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(StepdpoError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class StepRewardsMissing(StepdpoError, ValueError):
+    """A step-reward loss was asked for on pairs that have no step rewards."""
 
 
 def _is_trl_rows(columns) -> bool:
@@ -132,7 +139,24 @@ class _Guard(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_run_config(args, ckpt)
+            mark_complete(ckpt)
+
+
+class StepProgress(ProgressCallback):
+    """transformers' progress bar (with ETA), showing the latest loss, implicit-reward accuracy and margin
+    on the bar instead of printing every log dict as a line."""
+
+    _SHOW = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+             ("eval_loss", "eval_loss"), ("eval_rewards/accuracies", "eval_acc"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        shown = {short: f"{logs[key]:.4g}" for key, short in self._SHOW if isinstance(logs.get(key), (int, float))}
+        if shown:
+            self.training_bar.set_postfix(shown, refresh=False)
 
 
 _PREEMPT_SIGNAL_SEEN = False
@@ -159,11 +183,13 @@ class StepwiseDPOTrainer(DPOTrainer):
             train_dataset = pairs_to_dataset(train_dataset)
         if isinstance(eval_dataset, list):
             eval_dataset = pairs_to_dataset(eval_dataset)
-        if args.step_loss != "dpo" and "step_reward_gap" not in train_dataset.column_names:
-            raise ValueError(
-                f"step_loss={args.step_loss!r} needs step rewards, but the training pairs have no "
-                "chosen_step_rewards/rejected_step_rewards: score them first with `stepdpo score`, or use step_loss=dpo."
-            )
+        for name, ds in (("training", train_dataset), ("eval", eval_dataset)):
+            if ds is not None and args.step_loss != "dpo" and "step_reward_gap" not in ds.column_names:
+                raise StepRewardsMissing(
+                    f"step_loss={args.step_loss!r} needs step rewards, but the {name} pairs have no "
+                    "chosen_step_rewards/rejected_step_rewards: score them first with `stepdpo score`, or use "
+                    "step_loss=dpo."
+                )
         self._encoder_decoder = is_encoder_decoder(model)
         self.truncation_stats: dict[str, dict] = {}
         self._pair_ids: dict[str, list[str]] = {}
@@ -175,7 +201,12 @@ class StepwiseDPOTrainer(DPOTrainer):
             pad = processing_class.pad_token_id
             if pad is None:
                 pad = processing_class.eos_token_id
-            data_collator = StepPreferenceCollator(pad_token_id=pad, max_length=args.max_length,
+            # Step pairs are already fitted to max_length by tokenize_pair (oldest prefix steps dropped, a step
+            # never cut). TRL's collator would cut prompt + step together, keeping the start: for an
+            # encoder-decoder model, whose prompt goes to the encoder, that cut the step. So it truncates only
+            # decoder-only TRL-format rows, as trl.DPOTrainer does.
+            data_collator = StepPreferenceCollator(pad_token_id=pad,
+                                                   max_length=None if self._encoder_decoder else args.max_length,
                                                    truncation_mode=args.truncation_mode,
                                                    pad_to_multiple_of=args.pad_to_multiple_of)
         super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset,
@@ -183,8 +214,15 @@ class StepwiseDPOTrainer(DPOTrainer):
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
         self._ensure_seq2seq_heads()
         self._keep_fp32_adapters(args)
+        if args.disable_dropout:
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    disable_dropout(m)
         self._guard = _Guard(self)
         self.add_callback(self._guard)
+        if not args.disable_tqdm:
+            self.remove_callback(ProgressCallback)
+            self.add_callback(StepProgress)
 
     def _keep_fp32_adapters(self, args):
         """TRL casts QLoRA adapters to bf16 (the QLoRA paper's choice for bf16 compute). With fp32 compute
@@ -300,18 +338,9 @@ class StepwiseDPOTrainer(DPOTrainer):
         self._log_step_metrics(extras, mode)
         return result
 
-    def _sequence_logps(self, model, inputs):
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        seq_len = completion_mask.size(1) - 1
-        return outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
-
     def _stepwise_loss(self, model, inputs, reward_gap, mode):
         args = self.args
-        chosen, rejected = self._sequence_logps(model, inputs)
+        chosen, rejected = sequence_logps(model, inputs)
         gap = reward_gap.to(chosen.device, chosen.dtype)
         if args.step_loss == "seed":
             per_pair = losses.seed_loss(chosen, rejected, gap)
@@ -322,7 +351,7 @@ class StepwiseDPOTrainer(DPOTrainer):
             else:
                 ref_c, ref_r = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
             ref_c, ref_r = ref_c.to(chosen), ref_r.to(chosen)
-            delta = (chosen - ref_c) - (rejected - ref_r)
+            delta = losses.implicit_delta(chosen, rejected, ref_c, ref_r)
             if args.step_loss == "step_weighted":
                 per_pair = losses.step_weighted_loss(delta, gap, args.beta, args.step_weight_fn, args.step_reward_gamma)
             else:

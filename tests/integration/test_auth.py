@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.conftest import REPO, child_env
-from tests.integration.servers import free_port
+from stepdpo.testing import free_port
 
 pytestmark = pytest.mark.integration
 FAKE = "hf_FakeTokenAbCdEf0123456789xyz"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, child_env
-from tests.integration.servers import free_port
+from stepdpo.testing import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.deepspeed]
 RECIPE = REPO / "configs" / "recipes" / "tiny" / "mistral_cpu.yaml"

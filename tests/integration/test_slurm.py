@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, child_env
-from tests.integration.servers import vllm_available
+from stepdpo.testing import vllm_available
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.slurm,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdpo.config import StepwiseDPOConfig
+from stepdpo.train.config import StepwiseDPOConfig
 from stepdpo.data.pairs import read_pairs, render_pair, write_jsonl
 from stepdpo.train.run import build_trainer, train
 from stepdpo.train.trainer import NonFiniteError, StepwiseDPOTrainer
@@ -117,6 +117,19 @@ def test_step_losses_need_rewards(tiny_mistral, synth_pairs, tmp_path):
         build_trainer(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", step_loss="seed"))
 
 
+def test_unscored_eval_pairs_fail_before_training(tiny_mistral, scored_pairs, synth_pairs, tmp_path, monkeypatch):
+    from stepdpo.data.pairs import PairFileError
+    from stepdpo.train import modeling
+
+    def no_model_load(*a, **k):
+        raise AssertionError("the model was loaded before the eval pairs were checked")
+
+    monkeypatch.setattr(modeling, "load_model", no_model_load)
+    with pytest.raises(PairFileError, match=r"test/pairs.jsonl:1: .*stepdpo score"):
+        build_trainer(config(tmp_path, tiny_mistral, scored_pairs, step_loss="step_margin",
+                             eval_pairs=str(synth_pairs / "test" / "pairs.jsonl"), eval_strategy="steps", eval_steps=1))
+
+
 def test_precomputed_reference_matches_live(tiny_mistral, synth_pairs, tmp_path):
     pairs = synth_pairs / "train" / "pairs.jsonl"
     live = train(config(tmp_path / "a", tiny_mistral, pairs))
@@ -125,10 +138,21 @@ def test_precomputed_reference_matches_live(tiny_mistral, synth_pairs, tmp_path)
 
 
 def test_lora_reference_is_the_disabled_adapter(tiny_mistral, synth_pairs, tmp_path):
-    summary = train(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", use_lora=True, lora_r=4,
-                           max_steps=3))
-    assert losses(summary["log_history"])[0] == pytest.approx(LN2, abs=1e-6)
-    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+    trainer = build_trainer(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", use_peft=True,
+                                   lora_r=4, max_steps=3))
+    # ln 2 alone would not tell: a frozen copy gives it too. No second model is held: the reference is the
+    # policy with its adapter switched off.
+    assert trainer.ref_model is None
+    assert sum(1 for m in trainer.model.modules() if type(m).__name__ == "MistralForCausalLM") == 1
+    trainer.train()
+    got = losses(trainer.state.log_history)
+    assert got[0] == pytest.approx(LN2, abs=1e-6)
+
+
+def test_full_finetuning_holds_a_frozen_reference(tiny_mistral, synth_pairs, tmp_path):
+    trainer = build_trainer(config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", max_steps=1))
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    assert type(trainer.ref_model) is type(trainer.model)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_mistral, synth_pairs, tmp_path):
@@ -222,3 +246,40 @@ def test_truncations_are_counted_and_logged(tiny_mistral, synth_pairs, tmp_path)
     assert stats["truncated"] > 0 and stats["pairs"] > stats["truncated"]
     logged = [h["truncated_pairs"] for h in summary["log_history"] if "truncated_pairs" in h]
     assert logged and logged[0] == stats["truncated"]
+
+
+def test_t5_step_is_never_cut_when_the_prompt_fills_max_length(tiny_t5, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_t5)
+    long_problem = "Start with 7. " + "Add 1, then subtract 1. " * 6 + "What is the result?"
+    pair = {"id": "p1", "kind": "step", "problem": long_problem, "prefix_steps": ["7 + 1 = 8", "8 - 1 = 7"],
+            "chosen_steps": ["7 + 1 = 8 and so on for a while"], "rejected_steps": ["7 + 1 = 9"], "source": []}
+    pairs_file = tmp_path / "p.jsonl"
+    write_jsonl(pairs_file, [pair])
+    prompt_len = len(tok(render_pair(pair)[0]).input_ids)
+    max_length = prompt_len - 2  # the full prompt does not fit; without its prefix steps it does
+    trainer = build_trainer(config(tmp_path, tiny_t5, pairs_file, max_length=max_length, max_steps=1,
+                                   per_device_train_batch_size=1, dataloader_drop_last=False))
+    row = trainer.train_dataset[0]
+    assert len(row["prompt_ids"]) <= max_length < len(row["prompt_ids"]) + len(row["chosen_ids"])
+    batch = trainer.data_collator([row])
+    completion_tokens = batch["completion_mask"].sum(dim=1).tolist()
+    assert completion_tokens == [len(row["chosen_ids"]), len(row["rejected_ids"])]  # whole steps
+
+
+def test_t5_dropout_is_off_when_asked(tiny_t5, synth_pairs, tmp_path):
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tiny_t5).dropout_rate == 0.1  # flan-t5-small's real value, kept
+    trainer = build_trainer(config(tmp_path, tiny_t5, synth_pairs / "train" / "pairs.jsonl", max_steps=1))
+    attn = [m for m in trainer.model.modules() if type(m).__name__ == "T5Attention"]
+    assert attn and all(m.dropout == 0.0 for m in attn)
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    from stepdpo.train.logps import sequence_logps
+
+    with torch.no_grad():  # training mode twice, same numbers: nothing random is left
+        a = sequence_logps(trainer.model, batch)
+        b = sequence_logps(trainer.model, batch)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

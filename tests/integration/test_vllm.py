@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import child_env
-from tests.integration.servers import VLLMServer, vllm_available
+from stepdpo.testing import VLLMServer, vllm_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm,
               pytest.mark.skipif(not vllm_available(), reason="no .venv-vllm: run launch/setup.sh --vllm")]
@@ -89,7 +89,7 @@ def test_hf_and_vllm_give_the_same_rewards(server, servers, hand_pairs, synth_pa
         a, b = rewards(tmp_path / f"{name}-hf"), rewards(tmp_path / f"{name}-vllm")
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
-            assert x == pytest.approx(y, abs=1e-3)
+            assert x == pytest.approx(y, abs=1e-5)
     report = json.loads((tmp_path / "synth-vllm" / "score_report.json").read_text())
     assert report["backend"] == "vllm" and report["scored"] == report["substeps"] and report["retries"] == 0
 
@@ -100,11 +100,11 @@ def test_prm_on_a_plain_generative_server_falls_back_to_logprobs(servers, hand_p
     res = score(hand_pairs, tiny_mistral, tmp_path / "vllm", "vllm", "prm", servers["judge"].url)
     assert "does not serve STEP pooling" in res.stderr
     for x, y in zip(rewards(tmp_path / "hf"), rewards(tmp_path / "vllm")):
-        assert x == pytest.approx(y, abs=1e-3)
+        assert x == pytest.approx(y, abs=1e-5)
 
 
 def test_unreachable_url_is_a_clear_error_within_seconds(hand_pairs, tiny_mistral, tmp_path):
-    from tests.integration.servers import free_port
+    from stepdpo.testing import free_port
 
     start = time.monotonic()
     res = score(hand_pairs, tiny_mistral, tmp_path / "o", "vllm", "judge", f"http://127.0.0.1:{free_port()}",
@@ -146,5 +146,5 @@ def test_server_killed_mid_run_then_resumed(servers, tiny_mistral, tmp_path):
     assert len(cache.read_text().splitlines()) == report["substeps"]  # nothing scored twice
     score(pairs, tiny_mistral, tmp_path / "uninterrupted", "hf", "judge")
     for x, y in zip(rewards(out), rewards(tmp_path / "uninterrupted")):
-        assert x == pytest.approx(y, abs=1e-3)
+        assert x == pytest.approx(y, abs=1e-5)
     assert res.returncode == 0

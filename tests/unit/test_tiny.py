@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from stepdpo.tiny import build_tiny_model
+from stepdpo.tiny import TinySize, build_tiny_model
 
 TEXT = "Start with 12. Add 5, then subtract 3. 12 + 5 = 17\n17 - 3 = 14\nThe answer is 14."
 
@@ -51,3 +51,26 @@ def test_same_seed_same_bytes(tmp_path):
     c = build_tiny_model("mistral", tmp_path / "c", seed=2)
     assert digest(a) == digest(b)
     assert digest(a)["model.safetensors"] != digest(c)["model.safetensors"]
+
+
+@pytest.mark.parametrize("arch", ["t5", "mistral"])
+def test_tiny_models_keep_every_real_config_value_but_the_sizes(arch, tmp_path):
+    from transformers import AutoConfig
+
+    from stepdpo.tiny import build_tiny_model, real_config
+
+    sizes = {"vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "hidden_size",
+             "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id", "architectures"}
+    got = AutoConfig.from_pretrained(build_tiny_model(arch, tmp_path / arch, size=TinySize(hidden=32, layers=1)))
+    if arch == "t5":
+        sizes.add("tie_word_embeddings")  # transformers 5's T5 always ties them (upstream; noted in the README)
+    for key, value in real_config(arch).items():
+        if key == "rope_theta":  # transformers 5 keeps it in rope_parameters
+            assert got.rope_parameters["rope_theta"] == value
+        elif key not in sizes:
+            assert getattr(got, key) == value, key
+    if arch == "t5":
+        assert got.dropout_rate == 0.1  # flan-t5-small trains with dropout: a stand-in must too
+    else:
+        assert got.sliding_window == 4096 and got.max_position_embeddings == 32768

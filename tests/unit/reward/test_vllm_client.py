@@ -170,3 +170,60 @@ def test_batches_are_sharded_and_reassembled_in_order(make_server):
     assert out == [[pytest.approx(-0.5 - 0.01 * (20 + i))] for i in range(12)]
     assert sorted(finished) == list(range(12))
     assert len(a.seen) == len(b.seen) == 6  # round-robin over the replicas
+
+
+def _dead_url() -> str:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_concurrency_is_capped_per_url(make_server):
+    a, b = make_server(), make_server()
+    in_flight = {a.url: 0, b.url: 0}
+    peak = {a.url: 0, b.url: 0}
+    lock = threading.Lock()
+    c = client([a.url, b.url], concurrency=2)
+
+    def slow(url, batch):  # counts what reaches each server at once (the client's own counter aside)
+        with lock:
+            in_flight[url] += 1
+            peak[url] = max(peak[url], in_flight[url])
+        try:
+            time.sleep(0.05)
+            return c.last_token_logprobs(url, batch)
+        finally:
+            with lock:
+                in_flight[url] -= 1
+
+    # a.url gets the even batches, b.url the odd ones; 4 workers would all pile onto one URL without the cap
+    c.map_batches([[[1, 2, 3]] for _ in range(16)], slow)
+    assert peak == {a.url: 2, b.url: 2} and c.max_in_flight == peak
+
+
+def test_a_failing_url_hands_its_batches_to_the_others(make_server):
+    good = make_server()
+    dead = _dead_url()
+    c = client([dead, good.url], concurrency=2)
+    batches = [[[1, 10 + i, 20 + i]] for i in range(10)]
+    out = c.map_batches(batches, c.last_token_logprobs)
+    assert out == [[pytest.approx(-0.5 - 0.01 * (20 + i))] for i in range(10)]  # nothing lost, still in order
+    assert len(good.seen) == 10
+    stats = c.url_stats
+    assert stats[dead]["in_rotation"] is False and stats[dead]["batches"] == 0
+    assert 2 <= stats[dead]["failed_over"] <= 5  # taken out of rotation after 2 failures in a row
+    assert stats[good.url]["batches"] == 10 and c.dead == {dead}
+
+
+def test_when_every_url_fails_the_error_names_a_url():
+    c = client([_dead_url(), _dead_url()])
+    with pytest.raises(ServerUnreachable, match="127.0.0.1"):
+        c.map_batches([[[1, 2]]] * 3, c.last_token_logprobs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), True, 0.5, "x"])
+def test_non_finite_or_impossible_logprobs_are_refused(server, bad):
+    body = {"choices": [{"index": 0, "prompt_logprobs": [None, {"2": {"logprob": bad}}]}]}
+    server.answers = [(200, body)]  # json.dumps writes NaN/Infinity literals, as a broken server would
+    with pytest.raises(MalformedResponse, match=server.url.replace(".", r"\.")):
+        client(server.url).last_token_logprobs(server.url, [[1, 2]])

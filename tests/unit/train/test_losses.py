@@ -8,12 +8,15 @@ import torch
 from stepdpo.train import losses
 
 C, R, C0, R0 = torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-2.5]), torch.tensor([-2.5])
-DELTA = (C - C0) - (R - R0)  # 1.0
+DELTA = torch.tensor([1.0])  # (-2 - -2.5) - (-3 - -2.5), worked out by hand in the losses docstring
 GAP = torch.tensor([0.9 - 0.2])  # 0.7
 
 
-def test_delta_is_one():
-    assert DELTA.item() == pytest.approx(1.0)
+def test_implicit_delta_of_the_worked_example():
+    # the trainer's step modes take delta from this function
+    assert losses.implicit_delta(C, R, C0, R0).item() == 1.0
+    assert losses.implicit_delta(C, R, C, R).item() == 0.0  # policy == reference
+    assert losses.implicit_delta(R, C, R0, C0).item() == -1.0  # swapping the sides flips the sign
 
 
 def test_step_weighted_sigmoid():

@@ -9,7 +9,7 @@ from stepdpo.train.modeling import ModelConfigError, check_compatibility, quanti
 
 def args(stage=3, **kw):
     base = dict(model_name_or_path="m", device_map=None, load_in_4bit=False, bnb_4bit_quant_storage=None,
-                model_dtype="bfloat16", bnb_4bit_compute_dtype="bfloat16", use_cpu=True,
+                dtype="bfloat16", bnb_4bit_compute_dtype="bfloat16", use_cpu=True,
                 deepspeed_plugin=SimpleNamespace(zero_stage=stage) if stage else None)
     base.update(kw)
     return SimpleNamespace(**base)
@@ -30,7 +30,7 @@ def test_prequantised_checkpoint_with_zero3(method):
 
 
 def test_storage_dtype_must_match_model_dtype_under_zero3():
-    with pytest.raises(ModelConfigError, match="bnb_4bit_quant_storage=float32 differs from model_dtype=bfloat16"):
+    with pytest.raises(ModelConfigError, match="bnb_4bit_quant_storage=float32 differs from dtype=bfloat16"):
         check_compatibility(args(load_in_4bit=True, bnb_4bit_quant_storage="float32"), SimpleNamespace())
 
 

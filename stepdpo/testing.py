@@ -1,4 +1,5 @@
-"""Real servers for the integration tests, started by the tests and stopped by PID."""
+"""Real servers for the integration tests and the benchmarks (from a checkout: it runs launch/serve_reward.sh),
+started by the caller and stopped by PID. Benchmarks import it from here rather than from tests/."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 

@@ -1,6 +1,12 @@
 """The training configuration: TRL's DPOConfig plus the stepwise fields. One dataclass serves YAML
 recipes and CLI overrides (`stepdpo train --config R.yaml --learning_rate 1e-6`); every field's
 `metadata["help"]` is its documentation.
+
+Model-loading fields use `trl.ModelConfig`'s names (`model_revision`, `dtype`, `attn_implementation`,
+`use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`, `load_in_4bit`,
+`bnb_4bit_quant_storage`), so a TRL recipe's keys mean the same here. They are declared on this class
+rather than by also parsing `trl.ModelConfig`: one dataclass keeps `--config` a single flat YAML and lets
+`__post_init__` check the loading fields against the training ones.
 """
 
 from __future__ import annotations
@@ -9,10 +15,15 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from stepdpo.errors import OptionsError
 from stepdpo.train.losses import STEP_LOSSES, WEIGHT_FNS
-
 # Fields that must never reach a saved config, a log or a checkpoint.
 SECRET_FIELDS = ("hub_token",)
+# TRL options that change TRL's own DPO loss. A step-reward mode computes its loss itself and would ignore
+# them silently: name -> TRL's default.
+_TRL_LOSS_OPTIONS = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "use_weighting": False,
+                     "label_smoothing": 0.0, "f_divergence_type": "reverse_kl"}
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -52,24 +63,28 @@ class StepwiseDPOConfig(DPOConfig):
         default=3, metadata={"help": "Abort after this many optimizer steps in a row with a non-finite loss or gradient."}
     )
 
-    # ---- model loading (see stepdpo/train/modeling.py)
-    model_dtype: str = field(
-        default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16.", "choices": ["float32", "bfloat16", "float16"]}
+    # ---- model loading (trl.ModelConfig names; see stepdpo/train/modeling.py)
+    dtype: str = field(
+        default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16.", "choices": list(DTYPE_CHOICES)}
     )
-    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter; the adapter-disabled base is the reference."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "transformers attention implementation (eager, sdpa, flash_attention_2); default: the model's."}
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter; the adapter-disabled base is the reference."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but the LM head)."}
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt, or all-linear (every linear layer but the LM head)."},
     )
     load_in_4bit: bool = field(
-        default=False, metadata={"help": "QLoRA: load the base in bitsandbytes 4-bit (nf4, double quant); implies use_lora."}
+        default=False, metadata={"help": "QLoRA: load the base in bitsandbytes 4-bit (nf4, double quant); implies use_peft."}
     )
     bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "4-bit compute dtype: bfloat16 or float32."})
     bnb_4bit_quant_storage: str | None = field(
         default=None,
-        metadata={"help": "Storage dtype of the packed 4-bit weights; default: model_dtype (ZeRO-3 requires them equal)."},
+        metadata={"help": "Storage dtype of the packed 4-bit weights; default: dtype (ZeRO-3 requires them equal)."},
     )
     device_map: str | None = field(
         default=None,
@@ -89,11 +104,22 @@ class StepwiseDPOConfig(DPOConfig):
 
     def __post_init__(self):
         if self.step_loss not in STEP_LOSSES:
-            raise ValueError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
+            raise OptionsError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
         if self.step_weight_fn not in WEIGHT_FNS:
-            raise ValueError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
+            raise OptionsError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise OptionsError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.step_loss != "dpo":
+            ignored = [f"{k}={getattr(self, k)!r}" for k, default in _TRL_LOSS_OPTIONS.items() if getattr(self, k) != default]
+            if ignored:
+                raise OptionsError(
+                    f"step_loss={self.step_loss} computes its own loss and would ignore {', '.join(ignored)}: remove "
+                    "them, or use step_loss=dpo to train with TRL's loss_type options."
+                )
+        if isinstance(self.lora_target_modules, str):  # a YAML scalar or "q_proj,v_proj"
+            self.lora_target_modules = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
         if self.load_in_4bit:
-            self.use_lora = True
+            self.use_peft = True
         if self.bf16 is None and (self.use_cpu or not _has_accelerator()):
             # TRL turns bf16 autocast on by default, even on CPU. On CPU stepdpo trains in fp32 unless
             # asked: exact, reproducible (resume == uninterrupted run) and no slower at tiny sizes.

@@ -1,0 +1,47 @@
+"""One options dataclass per stage: each field carries its default and help text once, validation
+lives in `__post_init__`, and the CLI parser is generated from the dataclass (stepdpo.cli). Tests and
+other stages build the same dataclass and call the stage function directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from stepdpo.errors import OptionsError
+
+REQUIRED = dataclasses.MISSING
+
+
+def opt(default: Any = REQUIRED, help: str = "", *, choices=None, factory: Callable | None = None,
+        metavar: str | None = None) -> Any:
+    """A dataclass field with CLI metadata. No default (REQUIRED) makes the flag required on the CLI
+    unless a `--config` YAML sets it."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = list(choices)
+    if metavar is not None:
+        metadata["metavar"] = metavar
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check(condition: bool, flag: str, message: str) -> None:
+    """Raise OptionsError('--flag: message') when `condition` is false."""
+    if not condition:
+        raise OptionsError(f"--{flag.replace('_', '-')}: {message}")
+
+
+def check_choice(value: Any, flag: str, choices) -> None:
+    check(value in choices, flag, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def as_dict(options) -> dict:
+    """The options as plain JSON-able values (for reports and saved configs)."""
+    out = {}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        out[f.name] = [str(v) for v in value] if isinstance(value, (list, tuple)) else (
+            value if value is None or isinstance(value, (bool, int, float, str)) else str(value))
+    return out

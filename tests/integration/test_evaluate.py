@@ -1,0 +1,71 @@
+"""`stepdpo eval`: the trainer's own log-prob path, and the settings of the run it evaluates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stepdpo.data.pairs import read_pairs, render_pair
+from stepdpo.evaluate import EvalOptions, completion_logps, load_for_eval, run_eval
+from stepdpo.train.config import StepwiseDPOConfig
+from stepdpo.train.run import train
+
+pytestmark = pytest.mark.integration
+
+
+def _reference_logps(model_dir, pairs):
+    """log p(step | prompt) summed over the step's tokens, computed here from plain logits (not our helper)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for pair in pairs:
+        prompt, chosen, _ = render_pair(pair)
+        p, full = tok(prompt).input_ids, tok(prompt + chosen).input_ids
+        n = next(i for i in range(len(p) + 1) if i == len(p) or p[i] != full[i])
+        with torch.no_grad():
+            logp = model(torch.tensor([full])).logits[0].log_softmax(-1)
+        out.append(sum(logp[i - 1, full[i]].item() for i in range(n, len(full))))
+    return out
+
+
+def test_eval_logps_equal_plain_logits(tiny_mistral, synth_pairs):
+    pairs = read_pairs(synth_pairs / "test" / "pairs.jsonl")[:12]
+    model, tok = load_for_eval(str(tiny_mistral))
+    chosen, _, kept = completion_logps(model, tok, pairs, batch_size=5, progress=False)
+    assert kept == list(range(12))
+    assert chosen == pytest.approx(_reference_logps(tiny_mistral, pairs), abs=1e-4)
+
+
+def test_eval_takes_beta_and_max_length_from_the_run(tiny_mistral, synth_pairs, tmp_path):
+    run = tmp_path / "run"
+    train(StepwiseDPOConfig(output_dir=str(run), model_name_or_path=str(tiny_mistral),
+                            train_pairs=str(synth_pairs / "train" / "pairs.jsonl"), beta=0.5, max_length=48,
+                            learning_rate=1e-3, max_steps=3, per_device_train_batch_size=4, save_strategy="no",
+                            report_to="none", use_cpu=True, resume="never", disable_tqdm=True))
+    test = str(synth_pairs / "test" / "pairs.jsonl")
+    got = run_eval(EvalOptions(pairs=test, out=str(tmp_path / "e"), run_dir=str(run), ref_model=str(tiny_mistral),
+                               progress=False))
+    assert got["settings"]["beta"] == 0.5 and got["settings"]["max_length"] == 48
+    assert got["settings"]["from"] == {"beta": "run", "max_length": "run", "append_eos": "run"}
+    assert got["skipped_too_long"] > 0  # max_length 48 really applied
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert saved["settings"]["beta"] == 0.5
+    # the same evaluation with the values spelled out gives the same numbers; a flag overrides the run
+    same = run_eval(EvalOptions(pairs=test, out=str(tmp_path / "f"), model=str(run / "final"), beta=0.5,
+                                max_length=48, ref_model=str(tiny_mistral), progress=False))
+    assert same["mean_reward_margin"] == pytest.approx(got["mean_reward_margin"], abs=1e-6)
+    other = run_eval(EvalOptions(pairs=test, out=str(tmp_path / "g"), run_dir=str(run), beta=0.1,
+                                 ref_model=str(tiny_mistral), progress=False))
+    assert other["settings"]["from"]["beta"] == "flag"
+    assert other["mean_reward_margin"] == pytest.approx(got["mean_reward_margin"] / 5, rel=1e-5)
+
+
+def test_eval_of_nothing_is_an_error(tiny_mistral, synth_pairs, tmp_path):
+    from stepdpo.evaluate import EvalError
+
+    with pytest.raises(EvalError, match="no pair was evaluated"):
+        run_eval(EvalOptions(pairs=str(synth_pairs / "test" / "pairs.jsonl"), out=str(tmp_path / "e"),
+                             model=str(tiny_mistral), max_length=3, progress=False))

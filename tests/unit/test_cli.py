@@ -1,0 +1,130 @@
+"""The generated CLI: every stage's parser comes from its options dataclass, takes --config YAML plus
+overrides, and both flag spellings; errors are one line with exit status 2."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from stepdpo import cli
+from stepdpo.errors import OptionsError
+
+PACKAGE = Path(cli.__file__).parent
+
+
+@pytest.mark.parametrize("name", list(cli.STAGES))
+def test_every_stage_is_a_dataclass_a_function_and_a_generated_parser(name):
+    parser, fn = cli.make_parser(name)
+    options_cls = parser.dataclass_types[0]
+    assert dataclasses.is_dataclass(options_cls) and callable(fn)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    for f in dataclasses.fields(options_cls):
+        if "_" in f.name:  # both spellings, from the field name alone
+            assert f"--{f.name}" in flags and f"--{f.name.replace('_', '-')}" in flags, f.name
+        if name != "train":  # every stepdpo-owned option documents itself
+            assert f.metadata.get("help"), f"{name}: --{f.name} has no help text"
+
+
+def test_yaml_config_then_flags_override(tmp_path):
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text("input: [a.jsonl, b.jsonl]\nout: somewhere\ntest_fraction: 0.2\nseed: 7\n")
+    opts, _ = cli.parse("prepare", ["--config", str(cfg), "--seed", "9", "--no-progress"])
+    assert opts.input == ["a.jsonl", "b.jsonl"] and opts.out == "somewhere"
+    assert opts.test_fraction == 0.2 and opts.seed == 9 and opts.progress is False
+    snake, _ = cli.parse("prepare", ["--input", "x", "--out", "o", "--test_fraction", "0.1"])
+    kebab, _ = cli.parse("prepare", ["--input", "x", "--out", "o", "--test-fraction", "0.1"])
+    assert snake == kebab
+
+
+def test_a_repeated_list_flag_keeps_every_value():
+    opts, _ = cli.parse("score", ["--pairs", "p", "--model", "m", "--out", "o", "--backend", "vllm",
+                                  "--url", "http://a:1", "--url", "http://b:2"])
+    assert opts.url == ["http://a:1", "http://b:2"]
+
+
+def test_validation_is_an_options_error_naming_the_flag():
+    with pytest.raises(OptionsError, match="--test-fraction: must be in"):
+        cli.parse("prepare", ["--input", "x", "--out", "o", "--test-fraction", "1.5"])
+
+
+def test_unknown_yaml_key_is_one_line_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("out: x.jsonl\nproblemz: 3\n")
+    assert cli.main(["synth", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "problemz" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_command_suggests(capsys):
+    assert cli.main(["scroe"]) == 2
+    assert "did you mean 'score'" in capsys.readouterr().err
+
+
+def test_plan_reads_a_training_recipe():
+    recipe = PACKAGE.parent / "configs" / "recipes" / "mistral-7b" / "qlora_zero3.yaml"
+    opts, _ = cli.parse("plan", ["--config", str(recipe), "--nodes", "2"])
+    assert (opts.model_name_or_path, opts.lora_r, opts.max_length, opts.per_device_train_batch_size,
+            opts.mode) == ("mistralai/Mistral-7B-v0.1", 64, 1024, 2, "qlora")
+
+
+@pytest.mark.parametrize("flag", ["--seq-len=-5", "--nodes=0", "--lora-r=0", "--micro-batch=-1"])
+def test_plan_rejects_nonsense_sizes(flag):
+    with pytest.raises(OptionsError, match="must be a positive whole number"):
+        cli.parse("plan", ["--model", "mistralai/Mistral-7B-v0.1", flag])
+
+
+# ------------------------------------------------------------------------------------------ structure
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stepdpo"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("stepdpo")}
+    return found
+
+
+def _module_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(p for p in rel.parts if p != "__init__")
+        graph[name] = _imports(path)
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_only_the_cli_and_the_entry_points_import_the_cli():
+    graph = _module_graph()
+    importers = {m for m, deps in graph.items() if "stepdpo.cli" in deps}
+    assert importers <= {"stepdpo.train.run"}, importers  # `python -m stepdpo.train.run` delegates to it
+
+
+def test_the_training_config_lives_in_train_and_scoring_never_imports_eval():
+    graph = _module_graph()
+    assert "stepdpo.config" not in graph and "stepdpo.train.config" in graph
+    assert not any(d.startswith("stepdpo.evaluate") for d in graph["stepdpo.reward.score"])
+    outside_train = {m for m, deps in graph.items() if not m.startswith("stepdpo.train") and "stepdpo.train.trainer" in deps}
+    assert not outside_train, outside_train
