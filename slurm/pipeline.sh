@@ -14,7 +14,9 @@
 #             --serve-args "..." (extra launch/serve_reward.sh args, e.g. "--tp 8 --dtype bfloat16"),
 #             --api-key-file F
 # Training:   --mode zero3|zero2|zero3-offload|ddp|cpu-ddp (zero3), --nodes N (1), --gpus-per-node G (8),
-#             --train-args "..." (stepdpo train overrides), --hf-token-file F
+#             --train-args "..." (stepdpo train overrides, shell-quoted: "--run_name 'a b'"), --hf-token-file F
+# Eval:       --eval-gpus G (1), --eval-cpus C (8), --eval-mem M (64G); --train-cpus C, --train-mem M (per node;
+#             default: the whole node, --exclusive)
 # Cluster:    --partition P, --account A, --qos Q, --reward-partition P (= --partition),
 #             --time-prepare, --time-reward, --time-score, --time-train, --time-eval (HH:MM:SS)
 # Environment (every job): --env venv:PATH | conda:NAME | cmd:"shell code" | container:IMAGE (pyxis)
@@ -32,6 +34,7 @@ MODE=zero3; NODES=1; GPUS=8; TRAIN_ARGS=""; TOKEN_FILE=""
 PARTITION=""; ACCOUNT=""; QOS=""; REWARD_PARTITION=""
 T_PREP=01:00:00; T_REWARD=08:00:00; T_SCORE=08:00:00; T_TRAIN=24:00:00; T_EVAL=02:00:00
 ENV_SPEC=""; VLLM_ENV_SPEC=""; CPU=0; DRY=0
+EVAL_GPUS=1; EVAL_CPUS=8; EVAL_MEM=64G; TRAIN_CPUS=""; TRAIN_MEM=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --run-dir) RUN_DIR=$2; shift 2;;
@@ -63,6 +66,11 @@ while [[ $# -gt 0 ]]; do
     --time-eval) T_EVAL=$2; shift 2;;
     --env) ENV_SPEC=$2; shift 2;;
     --vllm-env) VLLM_ENV_SPEC=$2; shift 2;;
+    --eval-gpus) EVAL_GPUS=$2; shift 2;;
+    --eval-cpus) EVAL_CPUS=$2; shift 2;;
+    --eval-mem) EVAL_MEM=$2; shift 2;;
+    --train-cpus) TRAIN_CPUS=$2; shift 2;;
+    --train-mem) TRAIN_MEM=$2; shift 2;;
     --cpu) CPU=1; shift;;
     --dry-run) DRY=1; shift;;
     -h|--help) usage; exit 0;;
@@ -92,6 +100,34 @@ if [[ $CPU == 0 && $MODE == cpu* ]]; then die "--mode $MODE needs --cpu"; fi
 [[ -z $TOKEN_FILE || -f $TOKEN_FILE ]] || die "--hf-token-file $TOKEN_FILE: no such file"
 REWARD_GPUS=${REWARD_GPUS:-$GPUS}
 REWARD_PARTITION=${REWARD_PARTITION:-$PARTITION}
+# --train-args is shell-quoted text: split it into words as a shell would (quotes kept), never at every space.
+eval "TRAIN_ARGV=($TRAIN_ARGS)" 2>/dev/null || die "--train-args: unbalanced quotes in '$TRAIN_ARGS'"
+
+recipe_value() {  # recipe_value KEY DEFAULT: the last --KEY in --train-args, else the recipe's KEY:, else DEFAULT
+  local key=$1 value=$2 i
+  local line; line=$(sed -n "s/^$key:[[:space:]]*\([^#[:space:]]*\).*/\1/p" "$RECIPE" | tail -n 1)
+  [[ -n $line ]] && value=$line
+  for ((i = 0; i < ${#TRAIN_ARGV[@]}; i++)); do
+    [[ ${TRAIN_ARGV[$i]} == "--$key" ]] && value=${TRAIN_ARGV[$((i + 1))]:-$value}
+  done
+  echo "${value//\"/}"
+}
+# The global batch the recipe states (a `# global_batch: N` comment) against what this allocation gives.
+WANT_GLOBAL=$(sed -n 's/^#[[:space:]]*global_batch:[[:space:]]*\([0-9]*\).*/\1/p' "$RECIPE" | head -n 1)
+if [[ -n $WANT_GLOBAL ]]; then
+  PER_DEVICE=$(recipe_value per_device_train_batch_size 8); ACCUM=$(recipe_value gradient_accumulation_steps 1)
+  if [[ $CPU == 1 ]]; then PROCS_PER_NODE=1; else PROCS_PER_NODE=$GPUS; fi
+  GOT_GLOBAL=$((NODES * PROCS_PER_NODE * PER_DEVICE * ACCUM))
+  if [[ $GOT_GLOBAL != "$WANT_GLOBAL" ]]; then
+    echo "pipeline.sh: warning: $NODES node(s) x $PROCS_PER_NODE process(es) x batch $PER_DEVICE x accumulation $ACCUM =" \
+         "global batch $GOT_GLOBAL, but $(basename "$RECIPE") states $WANT_GLOBAL; set --gradient_accumulation_steps in" \
+         "--train-args to match" >&2
+  fi
+fi
+# Step-reward losses need scored eval pairs; the score job scores the training split only, so those
+# recipes evaluate in the eval job (after training), not during training.
+STEP_LOSS=$(recipe_value step_loss dpo)
+if [[ $STEP_LOSS == dpo ]]; then EVAL_DURING=(--eval_pairs "RUN_DIR_PLACEHOLDER/pairs/test/pairs.jsonl"); else EVAL_DURING=(--eval_strategy no); fi
 
 env_setup() {  # an --env spec -> shell code (or srun args, for containers)
   local spec=$1
@@ -110,6 +146,7 @@ VLLM_SETUP=$(env_setup "$VLLM_ENV_SPEC")
 
 mkdir -p "$RUN_DIR"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
+EVAL_DURING=("${EVAL_DURING[@]/RUN_DIR_PLACEHOLDER/$RUN_DIR}")
 mkdir -p "$RUN_DIR/logs"
 rm -f "$RUN_DIR/score_job_id"
 
@@ -131,8 +168,18 @@ submit() {  # submit NAME ENV... -- SBATCH_ARGS... ; echoes the job id (or a pla
   fi
 }
 
-GPU_ARGS=(); REWARD_GPU_ARGS=()
-if [[ $CPU == 0 ]]; then GPU_ARGS=(--gpus-per-node "$GPUS"); REWARD_GPU_ARGS=(--gpus-per-node "$REWARD_GPUS"); fi
+GPU_ARGS=(); REWARD_GPU_ARGS=(); EVAL_RES=(--cpus-per-task 1); TRAIN_RES=()
+if [[ $CPU == 0 ]]; then
+  GPU_ARGS=(--gpus-per-node "$GPUS"); REWARD_GPU_ARGS=(--gpus-per-node "$REWARD_GPUS")
+  # The policy (and, for an adapter, its base as trained) on a GPU, with CPUs and memory to load it.
+  EVAL_RES=(--gpus-per-node "$EVAL_GPUS" --cpus-per-task "$EVAL_CPUS" --mem "$EVAL_MEM")
+  # Training owns its nodes unless told how much to take.
+  if [[ -z $TRAIN_CPUS && -z $TRAIN_MEM ]]; then TRAIN_RES=(--exclusive); fi
+  # Use every GPU the reward server gets: tensor parallelism over them unless --serve-args says otherwise.
+  [[ " $SERVE_ARGS " == *" --tp "* ]] || SERVE_ARGS="--tp $REWARD_GPUS $SERVE_ARGS"
+fi
+[[ -n $TRAIN_CPUS ]] && TRAIN_RES+=(--cpus-per-task "$TRAIN_CPUS")
+[[ -n $TRAIN_MEM ]] && TRAIN_RES+=(--mem "$TRAIN_MEM")
 if [[ $CPU == 1 ]]; then SERVE_ARGS="--cpu $SERVE_ARGS"; fi
 INPUT_ARGS=""; for f in "${INPUTS[@]}"; do INPUT_ARGS+=" --input $(cd "$(dirname "$f")" && pwd)/$(basename "$f")"; done
 
@@ -162,12 +209,13 @@ TRAIN=$(submit train RECIPE="$(cd "$(dirname "$RECIPE")" && pwd)/$(basename "$RE
   MODE="$MODE" PROCS=1 ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" STEPDPO_REPO="$REPO" \
   HF_TOKEN_FILE="$TOKEN_FILE" -- \
   "${COMMON[@]}" --job-name stepdpo-train --dependency "afterok:$SCORE" --nodes "$NODES" --ntasks-per-node 1 \
-  "${GPU_ARGS[@]}" --time "$T_TRAIN" --output "$RUN_DIR/logs/train-%j.out" "$REPO/slurm/train.sbatch" \
-  --model_name_or_path "$MODEL" --train_pairs "$RUN_DIR/scored/pairs.jsonl" $TRAIN_ARGS)
+  "${GPU_ARGS[@]}" "${TRAIN_RES[@]}" --time "$T_TRAIN" --output "$RUN_DIR/logs/train-%j.out" \
+  "$REPO/slurm/train.sbatch" --model_name_or_path "$MODEL" --train_pairs "$RUN_DIR/scored/pairs.jsonl" \
+  "${EVAL_DURING[@]}" "${TRAIN_ARGV[@]}")
 
 EVAL=$(submit eval ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" \
-  STAGE_ARGS="eval --model $RUN_DIR/train/final --ref-model $MODEL --pairs $RUN_DIR/pairs/test/pairs.jsonl --out $RUN_DIR/eval --run-dir $RUN_DIR/train --no-progress" -- \
-  "${COMMON[@]}" --job-name stepdpo-eval --dependency "afterok:$TRAIN" --time "$T_EVAL" \
+  STAGE_ARGS="eval --model $RUN_DIR/train/final --pairs $RUN_DIR/pairs/test/pairs.jsonl --out $RUN_DIR/eval --run-dir $RUN_DIR/train --no-progress" -- \
+  "${COMMON[@]}" --job-name stepdpo-eval --dependency "afterok:$TRAIN" --time "$T_EVAL" "${EVAL_RES[@]}" \
   --output "$RUN_DIR/logs/eval-%j.out" "$REPO/slurm/stage.sbatch")
 
 printf 'prepare=%s reward_server=%s score=%s train=%s eval=%s\n' "$PREP" "$SERVER" "$SCORE" "$TRAIN" "$EVAL"

@@ -18,8 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class AuthError(RuntimeError):
-    """A preflight failure with an actionable message (never containing the token)."""
+from stepdpo.errors import StepdpoError
+
+# The hub must answer the preflight within this many seconds (connect + read), else it counts as unreachable.
+PREFLIGHT_TIMEOUT = float(os.environ.get("STEPDPO_PREFLIGHT_TIMEOUT", "20"))
+
+
+class AuthError(StepdpoError, RuntimeError):
+    """A preflight failure with an actionable message (never containing the token); exit status 3."""
+
+    exit_code = 3
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -30,7 +38,8 @@ _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
 def _standard_token_file() -> Path:
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.environ.get("HF_HOME") or os.path.join(cache, "huggingface")
     return Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token"))
 
 
@@ -73,7 +82,9 @@ def is_local(name: str) -> bool:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """huggingface_hub's and transformers' offline switches, spelled any way they accept."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: str | None = None) -> str:
@@ -98,7 +109,7 @@ def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: st
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/{repo_id}" if repo_type == "model" else f"{endpoint}/{repo_type}s/{repo_id}"
     try:
-        auth_check(repo_id, repo_type=repo_type, token=token.value or False)
+        _bounded(lambda: auth_check(repo_id, repo_type=repo_type, token=token.value or False), endpoint)
     except GatedRepoError:
         if not token.value:
             raise AuthError(
@@ -113,6 +124,14 @@ def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: st
         ) from None
     except RepositoryNotFoundError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401 and not token.value:
+            # Anonymous: the hub answers 401 "not found" for a misspelled repo and for a private one alike.
+            raise AuthError(
+                "not_found_or_private",
+                f"{repo_id}: not found for an anonymous request. Check the spelling (organisation/name, e.g. "
+                "mistralai/Mistral-7B-v0.1); if the repo is private, set HF_TOKEN or pass --hf-token-file with a "
+                "token that can read it.",
+            ) from None
         if status == 401:
             return _unauthorized(repo_id, token)
         raise AuthError(
@@ -140,6 +159,63 @@ def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: st
             ) from None
         raise
     return f"{repo_id}: accessible with token from {token.source}"
+
+
+def _bounded(call, endpoint: str):
+    """Run the hub call with a deadline (connect + read), so a black-holed proxy cannot hang a launch. A daemon
+    thread: one stuck in a socket read must not keep the process alive after the error."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True, name="stepdpo-preflight")
+    thread.start()
+    thread.join(PREFLIGHT_TIMEOUT)
+    if thread.is_alive():
+        raise AuthError("unreachable", f"the hub at {endpoint} did not answer within {PREFLIGHT_TIMEOUT:.0f} s. Check "
+                        "the network or proxy (STEPDPO_PREFLIGHT_TIMEOUT raises the limit), or use HF_HUB_OFFLINE=1 "
+                        "with a cached model or a local directory.")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def preflight_for_training(config) -> None:
+    """The preflight inside the training entry (`stepdpo train`, `accelerate launch -m stepdpo.train.run`): the
+    main process checks the hub before any model loads while the others wait, and every process stops (exit
+    status 3, one line, no traceback) when it fails. launch/train.sh already ran it before starting the workers
+    and says so with STEPDPO_PREFLIGHT_DONE=1."""
+    if os.environ.get("STEPDPO_PREFLIGHT_DONE") == "1":
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    message = None
+    if state.is_main_process:
+        try:
+            token = resolve_token(config.hf_token_file)
+            status = preflight(config.model_name_or_path, token, revision=config.model_revision)
+            import logging
+
+            logging.getLogger("stepdpo.auth").info("preflight: %s", status)
+        except AuthError as e:
+            message = (e.kind, mask(str(e)))
+    if state.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        if state.is_main_process:
+            raise AuthError(*message)
+        raise SystemExit(3)  # the main process prints the reason once
 
 
 def _unauthorized(repo_id: str, token: Token) -> str:

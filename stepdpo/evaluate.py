@@ -45,7 +45,8 @@ class EvalOptions:
                             "Without a model, --pairs must be scored and the reward model's accuracy is reported.")
     run_dir: str | None = opt(None, "The training output_dir: beta, max_length and append_eos come from its saved "
                               "config (so eval sees what training saw), and its curves are plotted.")
-    ref_model: str | None = opt(None, "Reference model (default: the adapter-disabled base for an adapter, else none).")
+    ref_model: str | None = opt(None, "Reference model (default: for an adapter, its base with the adapter disabled; "
+                                "for a full model from `stepdpo train`, the model its run started from; else none).")
     beta: float | None = opt(None, f"Beta of the implicit reward margin (default: the run's, else {DEFAULT_BETA}).")
     max_length: int | None = opt(None, "As in training (default: the run's); pairs that do not fit are skipped.")
     append_eos: bool | None = opt(None, "As in training (default: the run's, else false).")
@@ -227,10 +228,14 @@ def run_eval(options: EvalOptions) -> dict:
         if where and run_cfg is None and Path(where).is_dir():
             run_cfg = load_run_config(where)
     settings = eval_settings(options, run_cfg)
+    ref_model = options.ref_model
+    if ref_model is None and run_cfg and not run_cfg.get("use_peft") and model and \
+            not (Path(model) / "adapter_config.json").is_file():
+        ref_model = run_cfg.get("model_name_or_path")  # a full fine-tune's reference: the model it started from
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     if model:
-        metrics = evaluate(model, pairs, options.ref_model, beta=settings["beta"], batch_size=options.batch_size,
+        metrics = evaluate(model, pairs, ref_model, beta=settings["beta"], batch_size=options.batch_size,
                            max_length=settings["max_length"], append_eos=settings["append_eos"],
                            progress=options.progress, token=resolve_token(options.hf_token_file).value,
                            run_cfg=run_cfg)

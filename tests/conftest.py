@@ -60,6 +60,14 @@ def tiny_mistral(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral_v1(tiny_dir):
+    """A tiny random Mistral with Mistral-7B-v0.1's own 32,000-piece tokenizer (from the mistral-common wheel)."""
+    from stepdpo.tiny import build_tiny_model
+
+    return build_tiny_model("mistral", tiny_dir / "mistral_v1", seed=0, tokenizer="mistral-v1")
+
+
+@pytest.fixture(scope="session")
 def synth_pairs(tmp_path_factory):
     """Generated PRM800K data -> pairs with a held-out split; returns the prepare output dir."""
     from stepdpo.data.prepare import PrepareOptions, prepare

@@ -139,6 +139,24 @@ def prm_token_ids(tokenizer, spec: MethodSpec) -> tuple[int, int | None, int | N
     return tag_ids[0], good, bad
 
 
+def prm_serving_tokens(model: str, good_token: str = "+", bad_token: str = "-", step_tag: str = DEFAULT_STEP_TAG,
+                       head: str = "lm") -> dict:
+    """What `launch/serve_reward.sh --method prm` tells vLLM, from the same token resolution the hf backend uses:
+    the step-tag id, and for an LM head the good/bad *vocabulary pieces*. vLLM's `classifier_from_token` looks
+    its entries up as pieces, so it must get the piece of the id stepdpo reads ('▁+' = 648 in Mistral's
+    vocabulary, math-shepherd's), not the bare text ('+' = 28806, another row of the LM head)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    spec = MethodSpec(model=model, method="prm", good_token=good_token, bad_token=bad_token, step_tag=step_tag,
+                      head=head)
+    tag, good, bad = prm_token_ids(tokenizer, spec)
+    out = {"step_tag_id": tag}
+    if head == "lm":
+        out["classifier_from_token"] = tokenizer.convert_ids_to_tokens([good, bad])
+    return out
+
+
 def substeps_of_pair(pair: dict) -> dict[str, list[Substep]]:
     out = {}
     for side in ("chosen", "rejected"):

@@ -119,7 +119,12 @@ def load_model(args, token: str | None = None, for_training: bool = True):
     if args.device_map is not None:  # refused under ZeRO-3 by check_compatibility
         kwargs["device_map"] = args.device_map
     model = cls.from_pretrained(name, **kwargs)
-    if quant is not None and for_training:
+    if quant is not None and for_training and zero_stage(args) != 3:
+        # Single-process / DDP QLoRA: PEFT's usual preparation (norms and embeddings upcast to fp32 for
+        # stability). Not under ZeRO-3: PEFT's documented z3-QLoRA recipe loads with dtype equal to the quant
+        # storage dtype and leaves the rest to Trainer/TRL (TRL enables input grads and re-entrant checkpointing
+        # itself); the fp32 upcast would give ZeRO-3 mixed-dtype parameters and double their memory.
+        # https://huggingface.co/docs/peft/accelerate/deepspeed#use-peft-qlora-and-deepspeed-with-zero3-for-finetuning-large-models-on-multiple-gpus
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -149,9 +154,13 @@ def disable_dropout(model) -> int:
             if isinstance(getattr(module, attr, None), float) and getattr(module, attr) != 0.0:
                 setattr(module, attr, 0.0)
                 n += 1
-    config = getattr(model, "config", None)
-    for key in list(vars(config)) if config is not None else []:
-        if ("dropout" in key) and isinstance(getattr(config, key), float):
-            setattr(config, key, 0.0)
+    from transformers import PretrainedConfig
+
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    config = getattr(inner, "config", None)
+    if isinstance(config, PretrainedConfig):  # for code that reads the rate from the config at forward time
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
     return n
 

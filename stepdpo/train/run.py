@@ -50,9 +50,17 @@ def build_trainer(config, callbacks=None, trainer_cls=None):
     eval_pairs = read_pairs(config.eval_pairs, require_rewards=needs_rewards) if config.eval_pairs else None
     tokenizer = load_tokenizer(config.model_name_or_path, config.model_revision, token)
     model, peft_config = load_model(config, token=token)
+    ref_model = None
+    if not config.use_peft and not config.precompute_ref_log_probs:
+        # Full fine-tuning keeps a frozen reference. TRL would build it from model.config's path with
+        # model_init_kwargs only: no revision and no token, so a pinned model_revision got a reference from
+        # `main`, and a gated model 401. Loaded here exactly like the policy instead (TRL still prepares it
+        # for DeepSpeed); the token stays out of the saved config.
+        ref_model, _ = load_model(config, token=token, for_training=False)
     cls = trainer_cls or StepwiseDPOTrainer
     return cls(
         model=model,
+        ref_model=ref_model,
         args=config,
         train_dataset=train_pairs,
         eval_dataset=eval_pairs,
@@ -114,7 +122,10 @@ def train_main(config) -> dict:
     """Train with stepwise DPO. Arguments: --config recipe.yaml plus any StepwiseDPOConfig field as
     --field value (the command line overrides the file). Run under `accelerate launch` (launch/train.sh)
     for DDP / DeepSpeed; on its own for one process."""
+    from stepdpo.auth import preflight_for_training
+
     check_config(config)
+    preflight_for_training(config)  # gated or misspelled models fail here: one line, exit 3
     summary = train(config)
     if summary["preempted"]:
         logger.warning("stopped for pre-emption at step %d; a checkpoint was saved", summary["global_step"])

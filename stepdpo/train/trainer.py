@@ -7,8 +7,8 @@ What it changes, and why:
   the losses equal `trl.DPOTrainer`'s. The step-reward modes (`step_weighted`, `step_margin`, `seed`)
   are computed here from the same policy/reference log-probabilities (stepdpo.train.losses).
 * Encoder-decoder models (flan-t5), which TRL 1.16 rejects at the first step: see seq2seq.py.
-* Reliability: a non-finite loss or gradient skips the optimizer step on every rank together and
-  K in a row abort the run; checkpoints get a COMPLETED marker; a pre-emption flag file makes
+* Reliability: a non-finite loss skips backward and the update on every rank together (DeepSpeed
+  included), a non-finite gradient skips the optimizer step, and K in a row abort the run; checkpoints get a COMPLETED marker; a pre-emption flag file makes
   every rank save and stop together.
 """
 
@@ -220,9 +220,26 @@ class StepwiseDPOTrainer(DPOTrainer):
                     disable_dropout(m)
         self._guard = _Guard(self)
         self.add_callback(self._guard)
+        self._guard_backward()
         if not args.disable_tqdm:
             self.remove_callback(ProgressCallback)
             self.add_callback(StepProgress)
+
+    def _guard_backward(self):
+        """Decide before backward, on every rank together, whether this step's loss is usable. Under DeepSpeed
+        the optimizer step runs inside the backward call (accelerate's DeepSpeedEngineWrapper.backward calls
+        engine.backward then engine.step) and ZeRO leaves p.grad None, so a check at the optimizer step comes too
+        late and sees nothing; skipping backward on all ranks skips the update there too."""
+        backward = self.accelerator.backward
+
+        def guarded_backward(loss, **kwargs):
+            bad = not bool(torch.isfinite(loss.detach()).all())
+            if self._guard._any_rank(bad):
+                self._nonfinite_loss_seen = True
+                return None
+            return backward(loss, **kwargs)
+
+        self.accelerator.backward = guarded_backward
 
     def _keep_fp32_adapters(self, args):
         """TRL casts QLoRA adapters to bf16 (the QLoRA paper's choice for bf16 compute). With fp32 compute

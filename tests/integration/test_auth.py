@@ -58,7 +58,8 @@ def hub():
 
 def launch(model, hub_url, tmp_path, token=FAKE, extra_env=None):
     recipe = REPO / "configs" / "recipes" / "tiny" / "mistral_cpu.yaml"
-    env = child_env(**{"HF_ENDPOINT": hub_url, "HF_HUB_OFFLINE": "0", "HF_HOME": tmp_path / "hf_home",
+    env = child_env(**{"HF_ENDPOINT": hub_url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                       "HF_HOME": tmp_path / "hf_home",
                        **(extra_env or {})})
     env.pop("HF_TOKEN", None)
     if token:
@@ -104,7 +105,7 @@ def test_offline_without_cache(tmp_path):
 def test_accessible_repo_passes(hub, tmp_path):
     import sys
 
-    env = child_env(HF_ENDPOINT=hub["url"], HF_HUB_OFFLINE="0", HF_TOKEN=FAKE, HF_HOME=tmp_path)
+    env = child_env(HF_ENDPOINT=hub["url"], HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0", HF_TOKEN=FAKE, HF_HOME=tmp_path)
     res = subprocess.run([sys.executable, "-m", "stepdpo.auth", "--model_name_or_path", "acme/open"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "acme/open: accessible with token from HF_TOKEN" in res.stderr
@@ -132,3 +133,94 @@ def test_token_never_reaches_argv_logs_or_files(tiny_mistral, synth_pairs, tmp_p
     assert any(p.name == "training_args.bin" for p in files) and any(p.name == "trainer_state.json" for p in files)
     for p in files:
         assert FAKE.encode() not in p.read_bytes(), p
+
+
+def _direct(args, hub_url, tmp_path, token=FAKE, extra_env=None):
+    """`stepdpo train` run directly (no launch/train.sh): the training entry's own preflight."""
+    import sys
+
+    env = child_env(**{"HF_ENDPOINT": hub_url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                       "HF_HOME": tmp_path / "hf_home", **(extra_env or {})})
+    env.pop("HF_TOKEN", None)
+    env.pop("STEPDPO_PREFLIGHT_DONE", None)
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("entry", [["-m", "stepdpo.cli", "train"], ["-m", "stepdpo.train.run"]],
+                         ids=["stepdpo-train", "python-m-run"])
+def test_training_entry_runs_the_preflight_itself(entry, hub, synth_pairs, tmp_path):
+    res = _direct([*entry, "--model_name_or_path", "acme/gated", "--train_pairs",
+                   str(synth_pairs / "train" / "pairs.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu",
+                   "true", "--report_to", "none"], hub["url"], tmp_path)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "accept the licence at" in res.stderr and "Traceback" not in res.stderr
+    assert FAKE not in res.stdout + res.stderr
+
+
+def test_anonymous_misspelling_is_not_called_a_token_problem(tmp_path):
+    """Anonymous, the hub answers 401 "repository not found" for a misspelled and a private repo alike."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Anonymous(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            raw = b'{"error": "Repository not found"}'
+            self.send_response(401)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("X-Error-Message", "Repository not found")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Anonymous)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        res = _direct(["-m", "stepdpo.auth", "--model_name_or_path", "mistrali/Mistral-7B-v0.1"],
+                      f"http://127.0.0.1:{httpd.server_address[1]}", tmp_path, token=None)
+    finally:
+        httpd.shutdown()
+    assert res.returncode == 3 and "not_found_or_private" in res.stderr and "Check the spelling" in res.stderr
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "ON"}, {"TRANSFORMERS_OFFLINE": "1"}])
+def test_every_offline_switch_is_honoured(env, tmp_path):
+    res = _direct(["-m", "stepdpo.auth", "--model_name_or_path", "acme/open"], "http://127.0.0.1:9", tmp_path,
+                  extra_env=env)
+    assert res.returncode == 3 and "offline_not_cached" in res.stderr
+
+
+def test_a_silent_hub_times_out(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # accepts connections, never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        start = time.monotonic()
+        res = _direct(["-m", "stepdpo.auth", "--model_name_or_path", "acme/open"],
+                      f"http://127.0.0.1:{s.getsockname()[1]}", tmp_path,
+                      extra_env={"STEPDPO_PREFLIGHT_TIMEOUT": "3"})
+        assert res.returncode == 3 and "did not answer within 3 s" in res.stderr
+        assert time.monotonic() - start < 30
+
+
+def test_token_file_under_xdg_cache_home(tmp_path):
+    import os
+
+    from stepdpo.auth import resolve_token
+
+    (tmp_path / "huggingface").mkdir()
+    (tmp_path / "huggingface" / "token").write_text(FAKE)
+    saved = {k: os.environ.pop(k, None) for k in ("HF_TOKEN", "HF_HOME", "HF_TOKEN_PATH")}
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path)
+    try:
+        token = resolve_token()
+    finally:
+        os.environ.pop("XDG_CACHE_HOME")
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    assert token.value == FAKE and str(tmp_path) in token.source

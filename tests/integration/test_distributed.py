@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
@@ -96,3 +97,64 @@ def test_qlora_under_zero3_saves_an_adapter_that_reloads(tiny_mistral, synth_pai
                                                        dtype=torch.float32)(**ids).logits.float()
     assert not torch.allclose(trained, base_logits, atol=1e-4)  # training moved the adapter
     assert torch.allclose(logits, trained, atol=1e-4), (logits - trained).abs().max()
+
+
+def test_two_machines_form_one_zero3_job(tiny_mistral, synth_pairs, tmp_path):
+    """Two launch/train.sh processes on 127.0.0.1 as machine ranks 0 and 1: one job of world size 2, so an
+    epoch over N pairs takes N / (2 * batch) steps; with accelerate's default pdsh launcher each trained
+    alone (N / batch steps) into the same output_dir."""
+    import os
+
+    port = free_port()
+    out = tmp_path / "run"
+    workdirs = [tmp_path / "m0", tmp_path / "m1"]  # each "machine" runs in its own directory
+    procs = []
+    for rank, cwd in enumerate(workdirs):
+        cwd.mkdir()
+        cmd = ["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu-zero3", "--config", str(RECIPE),
+               "--nodes", "2", "--procs", "1", "--machine-rank", str(rank), "--main-address", "127.0.0.1",
+               "--main-port", str(port), "--no-preflight", "--entry", "tests.integration.drivers.probe_train",
+               "--", "--model_name_or_path", str(tiny_mistral), "--train_pairs",
+               str(synth_pairs / "train" / "pairs.jsonl"), "--output_dir", str(out), "--max_train_pairs", "16",
+               "--per_device_train_batch_size", "2", "--num_train_epochs", "1", "--max_steps", "-1"]
+        env = child_env(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"machine {rank}:\n{log[-5000:]}"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 16 // (2 * 2)
+    for rank in (0, 1):
+        info = json.loads((out / f"partition_rank{rank}.json").read_text())
+        assert info["world_size"] == 2 and info["shard_numel"] == info["ds_numel"] // 2
+    for cwd in workdirs:  # the standard launcher writes no environment dump (it could hold a token)
+        assert not (cwd / ".deepspeed_env").exists()
+
+
+@pytest.mark.parametrize("mode", ["cpu-zero3", "cpu-ddp"])
+def test_nonfinite_loss_on_one_rank_skips_the_update_on_all(mode, tiny_mistral, synth_pairs, tmp_path):
+    cmd = ["bash", str(REPO / "launch" / "train.sh"), "--mode", mode, "--config", str(RECIPE),
+           "--main-port", str(free_port()), "--no-preflight", "--entry", "tests.integration.drivers.nan_train",
+           "--", "--model_name_or_path", str(tiny_mistral), "--train_pairs", str(synth_pairs / "train" / "pairs.jsonl"),
+           "--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size", "2"]
+    res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-5000:]
+    w = [torch.load(tmp_path / f"weight_step{s}.pt") for s in (1, 2, 3)]
+    assert torch.equal(w[1], w[0])  # the NaN step (rank 0 only) changed nothing, on either rank
+    assert not torch.equal(w[2], w[1])  # the next step trained again
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["global_step"] == 3
+
+
+def test_qlora_bf16_under_zero3_keeps_one_dtype(tiny_mistral, synth_pairs, tmp_path):
+    """The 7B recipe's settings (bf16 weights, bf16 compute, storage = dtype) under 2-process ZeRO-3 on CPU.
+    Frozen parameters stay bf16: no fp32 upcast of norms and embeddings (prepare_model_for_kbit_training),
+    which PEFT's ZeRO-3 QLoRA recipe leaves out."""
+    summary = launch("cpu-zero3", QLORA, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", tmp_path,
+                     "--max_steps", 3, "--dtype", "bfloat16", "--bnb_4bit_compute_dtype", "bfloat16", "--bf16", "true")
+    got = losses(summary)
+    assert len(got) == 3 and all(math.isfinite(x) for x in got)
+    info = json.loads((tmp_path / "partition_rank0.json").read_text())
+    assert info["dtypes"] == ["torch.bfloat16"], info["dtypes"]
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,35 @@ def test_eval_of_nothing_is_an_error(tiny_mistral, synth_pairs, tmp_path):
     with pytest.raises(EvalError, match="no pair was evaluated"):
         run_eval(EvalOptions(pairs=str(synth_pairs / "test" / "pairs.jsonl"), out=str(tmp_path / "e"),
                              model=str(tiny_mistral), max_length=3, progress=False))
+
+
+def test_a_qlora_adapter_is_evaluated_on_its_4bit_base(tiny_mistral, synth_pairs, tmp_path):
+    """Eval loads the base as it was trained (nf4, from the run's config), not an unquantised copy."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig
+
+    from stepdpo.cli import parse
+    from stepdpo.train.logps import prepare_for_logps
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny" / "mistral_qlora_zero3_cpu.yaml"
+    config, _ = parse("train", ["--config", str(recipe), "--model_name_or_path", str(tiny_mistral), "--train_pairs",
+                                str(synth_pairs / "train" / "pairs.jsonl"), "--output_dir", str(tmp_path / "run"),
+                                "--max_steps", "3", "--report_to", "none", "--disable_tqdm", "true"])
+    train(config)
+    pairs = read_pairs(synth_pairs / "test" / "pairs.jsonl")[:8]
+    model, tok = load_for_eval(str(tmp_path / "run" / "final"),
+                               run_cfg=json.loads((tmp_path / "run" / "final" / "stepdpo_config.json").read_text()))
+    got, _, _ = completion_logps(model, tok, pairs, progress=False)
+
+    def with_base(**load):
+        base = AutoModelForCausalLM.from_pretrained(tiny_mistral, **load)
+        prepare_for_logps(base)
+        peft = PeftModel.from_pretrained(base, tmp_path / "run" / "final")
+        return completion_logps(peft, tok, pairs, progress=False)[0]
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    as_trained = with_base(quantization_config=quant, dtype=torch.float32)
+    unquantised = with_base(dtype=torch.float32)
+    assert got == pytest.approx(as_trained, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(got, unquantised)) > 1e-3  # the difference the wrong base makes

@@ -67,14 +67,15 @@ def losses(run_dir: Path) -> list[float]:
 TRAIN_ARGS = ["--per_device_train_batch_size", 2]
 
 
-def test_two_tasks_act_as_two_machines(cluster, tiny_mistral, synth_pairs, tmp_path):
+@pytest.mark.parametrize("mode, tol", [("cpu-ddp", 1e-5), ("cpu-zero3", 1e-4)])
+def test_two_tasks_act_as_two_machines(mode, tol, cluster, tiny_mistral, synth_pairs, tmp_path):
     """train.sbatch with 2 tasks: machine ranks 0 and 1 (expanded on the node), rendezvous on the first
-    node's address; the same losses as one process with the same global batch."""
+    node's address; one job of world size 2, with the same losses as one process with the same global batch."""
     run = tmp_path / "two"
     job = sbatch(cluster, "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", f"--output={tmp_path}/two.out",
                  REPO / "slurm" / "train.sbatch", "--model_name_or_path", tiny_mistral, "--train_pairs",
                  synth_pairs / "train" / "pairs.jsonl", "--max_steps", 4, *TRAIN_ARGS,
-                 RECIPE=RECIPE, RUN_DIR=run, MODE="cpu-ddp", PROCS=1)
+                 RECIPE=RECIPE, RUN_DIR=run, MODE=mode, PROCS=1)
     assert wait_state(cluster, job) == "COMPLETED", (tmp_path / "two.out").read_text()[-3000:]
     log = (tmp_path / "two.out").read_text()
     assert "machine_rank=0" in log and "machine_rank=1" in log and "2 machine(s), main 127.0.0.1:" in log
@@ -84,7 +85,7 @@ def test_two_tasks_act_as_two_machines(cluster, tiny_mistral, synth_pairs, tmp_p
                           "--max_steps", "4", "--per_device_train_batch_size", "4"], env=child_env(),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    assert losses(run) == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert losses(run) == pytest.approx(losses(tmp_path / "one"), abs=tol)
 
 
 def test_preemption_saves_requeues_and_resumes(cluster, tiny_mistral, synth_pairs, tmp_path):
@@ -120,27 +121,55 @@ def test_preemption_saves_requeues_and_resumes(cluster, tiny_mistral, synth_pair
     assert losses(tmp_path / "pre") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
 
 
+SEVEN_B = sorted((REPO / "configs" / "recipes" / "mistral-7b").glob("*.yaml"))
+
+
 @pytest.mark.skipif(not vllm_available(), reason="no .venv-vllm: run launch/setup.sh --vllm")
-def test_pipeline_end_to_end(cluster, tiny_mistral, tmp_path):
+@pytest.mark.parametrize("recipe", SEVEN_B, ids=lambda p: p.stem)
+def test_pipeline_runs_each_7b_recipe_to_a_completed_eval(recipe, cluster, tiny_mistral, tmp_path):
+    """slurm/pipeline.sh with each shipped Mistral-7B recipe, shrunk only by overrides (a tiny Mistral, CPU, two
+    steps, one process): prepare -> reward server -> score -> train (ZeRO-3 on CPU) -> eval, all COMPLETED."""
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
 
     write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=80, seed=4, max_value=9))
+    train_args = ("--use_cpu true --max_steps 2 --per_device_train_batch_size 2 --eval_steps 1 "
+                  "--run_name 'a name with spaces'")
     res = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "run"), "--input",
                           str(tmp_path / "prm.jsonl"), "--model", str(tiny_mistral), "--reward-model",
-                          str(tiny_mistral), "--recipe", str(RECIPE), "--cpu", "--train-args", "--max_steps 6",
-                          "--time-reward", "00:20:00"], env=cluster, capture_output=True, text=True, check=True)
+                          str(tiny_mistral), "--recipe", str(recipe), "--cpu", "--mode", "cpu-zero3",
+                          "--train-args", train_args, "--time-reward", "00:20:00"],
+                         env=cluster, capture_output=True, text=True, check=True)
+    # the recipe states a global batch of 128; one CPU process with batch 2 x accumulation 4 or 8 is not that
+    assert "warning:" in res.stderr and "states 128" in res.stderr
     ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
     assert set(ids) == {"prepare", "reward_server", "score", "train", "eval"}
-    assert wait_state(cluster, ids["eval"], timeout=900) == "COMPLETED"
+    logs = tmp_path / "run" / "logs"
+    state = wait_state(cluster, ids["eval"], timeout=900)
+    assert state == "COMPLETED", "\n".join(p.read_text()[-2500:] for p in sorted(logs.glob("*.out")))
     for stage in ("prepare", "score", "train"):
         assert job_field(cluster, ids[stage], "JobState") == "COMPLETED"
     # the score stage stopped the server when it finished
     assert wait_state(cluster, ids["reward_server"], timeout=60) in {"CANCELLED", "COMPLETED"}
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["pairs"] > 0 and "pair_accuracy_ref" in metrics
+    assert metrics["settings"]["beta"] == 0.5 and metrics["settings"]["from"]["beta"] == "run"  # the recipe's
+    # an adapter's reference is its own base with the adapter off; a full fine-tune's, the model it started from
+    assert metrics["reference"] == ("adapter disabled" if "lora" in recipe.stem else str(tiny_mistral))
     report = json.loads((tmp_path / "run" / "scored" / "score_report.json").read_text())
     assert report["backend"] == "vllm" and report["scored"] == report["substeps"]
     assert (tmp_path / "run" / "eval" / "training_curves.png").is_file()
+    saved = json.loads((tmp_path / "run" / "train" / "final" / "stepdpo_config.json").read_text())
+    assert saved["run_name"] == "a name with spaces"  # one argument, through sbatch, srun and train.sh
+    assert saved["eval_pairs"] == str(tmp_path / "run" / "pairs" / "test" / "pairs.jsonl")
+
+
+def test_train_sbatch_takes_overrides_after_a_double_dash(cluster, tiny_mistral, synth_pairs, tmp_path):
+    run = tmp_path / "dd"
+    job = sbatch(cluster, "--ntasks=1", f"--output={tmp_path}/dd.out", REPO / "slurm" / "train.sbatch", "--",
+                 "--model_name_or_path", tiny_mistral, "--train_pairs", synth_pairs / "train" / "pairs.jsonl",
+                 "--max_steps", 1, "--run_name", "two words", RECIPE=RECIPE, RUN_DIR=run, MODE="cpu", PROCS=1)
+    assert wait_state(cluster, job) == "COMPLETED", (tmp_path / "dd.out").read_text()[-3000:]
+    assert json.loads((run / "final" / "stepdpo_config.json").read_text())["run_name"] == "two words"
 
 
 def test_failing_stage_cancels_its_dependents(cluster, tiny_mistral, tmp_path):

