@@ -44,6 +44,9 @@ STAGES: dict[str, Stage] = {
                    "train with stepwise DPO (under accelerate launch for several processes)"),
     "eval": Stage("stepdpo.evaluate", "EvalOptions", "run_eval",
                   "held-out step-pair accuracy, reward margins, training curves"),
+    "inspect": Stage("stepdpo.inspect_pairs", "InspectOptions", "inspect_pairs",
+                     "show what the trainer sees for a few pairs: templated texts, token counts, boundaries",
+                     foreign_config=True),
     "plan": Stage("stepdpo.plan", "PlanOptions", "run_plan",
                   "per-GPU / per-node memory plan from the model config or a training recipe (no weights)",
                   foreign_config=True),
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"stepdpo {name}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader of our output went away (`| head`): not an error of ours
+        return 0
     except OSError as e:  # read-only or full output directory, a missing YAML file, ...
         if debug:
             raise
@@ -172,7 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stepdpo {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _quiet_broken_pipe()
     return 0
+
+
+def _quiet_broken_pipe() -> None:
+    """`stepdpo ... | head`: once the reader is gone, flushing stdout at exit would raise BrokenPipeError and print a
+    traceback; point stdout at /dev/null instead (the Python docs' recipe, signal-free)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+from stepdpo.data.pairs import DEFAULT_INSTRUCTION
 from stepdpo.errors import StepdpoError
 from stepdpo.options import REQUIRED, check, opt
 from stepdpo.reward.accuracy import reward_accuracy
 from stepdpo.train.logps import prepare_for_logps, sequence_logps
-from stepdpo.train.tokenize import tokenize_pair
+from stepdpo.train.tokenize import PairTokenizer
 
 logger = logging.getLogger("stepdpo.eval")
 DEFAULT_BETA = 0.1
@@ -50,6 +51,9 @@ class EvalOptions:
     beta: float | None = opt(None, f"Beta of the implicit reward margin (default: the run's, else {DEFAULT_BETA}).")
     max_length: int | None = opt(None, "As in training (default: the run's); pairs that do not fit are skipped.")
     append_eos: bool | None = opt(None, "As in training (default: the run's, else false).")
+    chat_template: str | None = opt(None, "auto, always or never, as in training (default: the run's, else auto).")
+    system_prompt: str | None = opt(None, "As in training (default: the run's).")
+    instruction: str | None = opt(None, "As in training (default: the run's, else Step-DPO's instruction).")
     batch_size: int = opt(32, "Pairs per forward pass.")
     hf_token_file: str | None = opt(None, "File holding a Hugging Face token (gated base models).")
     allow_empty: bool = opt(False, "Succeed even when no pair is evaluated (otherwise that is an error).")
@@ -77,14 +81,18 @@ def _batches(tokenized: list, batch_size: int, pad: int):
 
 @torch.no_grad()
 def completion_logps(model, tokenizer, pairs: list[dict], *, batch_size: int = 32, max_length: int | None = None,
-                     append_eos: bool = False, progress: bool = True, desc: str = "eval") -> tuple[list, list, list]:
+                     append_eos: bool = False, progress: bool = True, desc: str = "eval",
+                     settings: dict | None = None) -> tuple[list, list, list]:
     """(chosen logps, rejected logps, kept pair indices) through the trainer's own tokenization, collator and
-    log-prob helper. Pairs that cannot fit max_length are left out."""
+    log-prob helper. Pairs that cannot fit max_length are left out. `settings` (the run's: chat template,
+    system prompt, instruction) renders prompts as training did."""
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     device = next(model.parameters()).device
+    pair_tokenizer = PairTokenizer.from_settings(
+        tokenizer, {**(settings or {}), "max_length": max_length, "append_eos": append_eos}, encoder_decoder=enc_dec)
     kept, tokenized = [], []
     for i, pair in enumerate(pairs):
-        tp = tokenize_pair(pair, tokenizer, max_length=max_length, append_eos=append_eos, encoder_decoder=enc_dec)
+        tp = pair_tokenizer(pair)
         if tp is not None:
             kept.append(i)
             tokenized.append(tp)
@@ -183,7 +191,8 @@ def eval_settings(options: EvalOptions, run_cfg: dict | None) -> dict:
     value came from."""
     cfg = run_cfg or {}
     out, source = {}, {}
-    for key, default in (("beta", DEFAULT_BETA), ("max_length", None), ("append_eos", False)):
+    for key, default in (("beta", DEFAULT_BETA), ("max_length", None), ("append_eos", False),
+                         ("chat_template", "auto"), ("system_prompt", None), ("instruction", DEFAULT_INSTRUCTION)):
         value = getattr(options, key)
         if value is not None:
             out[key], source[key] = value, "flag"
@@ -197,9 +206,11 @@ def eval_settings(options: EvalOptions, run_cfg: dict | None) -> dict:
 
 def evaluate(model_path: str, pairs: list[dict], ref_model_path: str | None = None, *, beta: float = DEFAULT_BETA,
              batch_size: int = 32, max_length: int | None = None, append_eos: bool = False,
-             progress: bool = True, token: str | None = None, run_cfg: dict | None = None) -> dict:
+             progress: bool = True, token: str | None = None, run_cfg: dict | None = None,
+             settings: dict | None = None) -> dict:
     model, tokenizer = load_for_eval(model_path, token, run_cfg)
-    kw = dict(batch_size=batch_size, max_length=max_length, append_eos=append_eos, progress=progress)
+    kw = dict(batch_size=batch_size, max_length=max_length, append_eos=append_eos, progress=progress,
+              settings=settings)
     c, r, kept = completion_logps(model, tokenizer, pairs, desc="policy", **kw)
     c0 = r0 = None
     if hasattr(model, "disable_adapter") and ref_model_path is None:
@@ -238,7 +249,7 @@ def run_eval(options: EvalOptions) -> dict:
         metrics = evaluate(model, pairs, ref_model, beta=settings["beta"], batch_size=options.batch_size,
                            max_length=settings["max_length"], append_eos=settings["append_eos"],
                            progress=options.progress, token=resolve_token(options.hf_token_file).value,
-                           run_cfg=run_cfg)
+                           run_cfg=run_cfg, settings=settings)
         if metrics.get("pairs", 0) == 0 and not options.allow_empty:
             raise EvalError(f"--pairs {options.pairs}: no pair was evaluated ({len(pairs)} read, "
                             f"{metrics.get('skipped_too_long', 0)} longer than max_length={settings['max_length']}); "

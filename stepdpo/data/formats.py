@@ -44,21 +44,46 @@ def _diverge(problem: str, prefix: list[str], chosen: list[str], rejected: list[
     return kind, problem, prefix, chosen, rejected
 
 
+_BOUNDARY = re.compile(r"\n(?=Step \d+\s*:)")
+_ANY_LINE = re.compile(r"\n(?=\S)")
+
+
+def step_dpo_split(initial_reason_steps: str, chosen: str, rejected: str) -> tuple[list[str], str, str]:
+    """Step-DPO's layout -> (prefix_steps, chosen_step, rejected_step), byte for byte.
+
+    In Step-DPO's data `initial_reason_steps` ends with the header of the step being compared
+    ("...\nStep 3:") and `chosen`/`rejected` are that step's body (" The ..."); its trainer concatenates
+    prompt + initial_reason_steps + chosen with nothing in between. So the header belongs to the compared step:
+    the last line of `initial_reason_steps` starts both sides, and the lines before it are the prefix steps
+    (split at "Step N:" headers, else at line starts). Rendered, "".join(s + "\n" for s in prefix) + step equals
+    initial_reason_steps + body exactly; nothing is stripped."""
+    cut = initial_reason_steps.rfind("\n")
+    head, tail = initial_reason_steps[:max(cut, 0)], initial_reason_steps[cut + 1:]
+    if cut < 0 or not head.strip():
+        return [], initial_reason_steps + chosen, initial_reason_steps + rejected
+    parts = (_BOUNDARY if _BOUNDARY.search(head) else _ANY_LINE).split(head)
+    if any(not p.strip() for p in parts):  # a blank part would break the schema: keep the prefix as one step
+        parts = [head]
+    return parts, tail + chosen, tail + rejected
+
+
 def from_step_dpo(row) -> tuple:
-    """Step-DPO rows: prompt, initial_reason_steps (or prefix), chosen, rejected (one step each)."""
+    """Step-DPO rows: prompt, initial_reason_steps (or prefix), chosen, rejected: the body of one step each.
+    Texts are kept byte for byte (see step_dpo_split)."""
     if not isinstance(row, dict):
         raise RecordError("not_object", f"expected a JSON object, got {type(row).__name__}")
-    problem = _text(row, "prompt", "missing_prompt")
+    _text(row, "prompt", "missing_prompt")
     prefix_text = row.get("initial_reason_steps", row.get("prefix", ""))
     if prefix_text is None:
         prefix_text = ""
     if not isinstance(prefix_text, str):
         raise RecordError("bad_prefix", "field 'initial_reason_steps'/'prefix' must be a string")
-    chosen = _text(row, "chosen", "empty_chosen")
-    rejected = _text(row, "rejected", "empty_rejected")
-    if chosen == rejected:
+    _text(row, "chosen", "empty_chosen")
+    _text(row, "rejected", "empty_rejected")
+    if row["chosen"] == row["rejected"]:
         raise RecordError("no_divergence", "chosen and rejected are identical")
-    return "step", problem, split_steps(prefix_text), [chosen], [rejected]
+    prefix, chosen, rejected = step_dpo_split(prefix_text, row["chosen"], row["rejected"])
+    return "step", row["prompt"], prefix, [chosen], [rejected]
 
 
 def _step_list(row: dict, key: str) -> list[str]:

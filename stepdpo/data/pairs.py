@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from stepdpo.data.jsonio import canonical_json, dumps_line
+from stepdpo.errors import StepdpoError
 
 KINDS = ("step", "solution")
 # Bump when render_prompt / render_completion change: reward caches are keyed on it.
@@ -33,7 +35,7 @@ PROMPT_TEMPLATE_VERSION = 1
 STEP_SEPARATOR = "\n"
 
 
-class PairFileError(ValueError):
+class PairFileError(StepdpoError, ValueError):
     """A pair file line that does not follow the schema; the message names file, line and field."""
 
 
@@ -143,12 +145,69 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Rendering: the only place that decides how a pair becomes model text.
+#
+#   text = problem_text(problem) + "".join(step + "\n" for step in prefix_steps) + completion
+#
+# problem_text is "Problem: ...\nSolution:\n" for base models (plain), or the tokenizer's chat template applied
+# to the problem and an instruction, up to the assistant's turn (instruct models, as Step-DPO trains them). The
+# steps follow as they are: a step is never closed by EOS or the template's end-of-turn token.
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CHAT_MODES = ("auto", "always", "never")
 
 
-def render_prompt(problem: str, prefix_steps: list[str]) -> str:
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a problem is rendered. `chat=False`: plain text (base models). `chat=True`: through `tokenizer`'s chat
+    template, with `system_prompt` (None: the template's own default) and `instruction` after the problem."""
+
+    chat: bool = False
+    system_prompt: str | None = None
+    instruction: str = DEFAULT_INSTRUCTION
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+
+    def problem_text(self, problem: str) -> str:
+        if not self.chat:
+            return f"Problem: {problem}{STEP_SEPARATOR}Solution:{STEP_SEPARATOR}"
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        content = f"{problem}\n{self.instruction}" if self.instruction else problem
+        messages.append({"role": "user", "content": content})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """A chat-rendered prompt already carries the template's special tokens (BOS included) as text."""
+        return not self.chat
+
+    def key(self) -> str:
+        """What changes the rendered text (part of reward-cache keys)."""
+        if not self.chat:
+            return "plain"
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        digest = hashlib.sha1(template.encode("utf-8")).hexdigest()[:12]
+        return json.dumps(["chat", digest, self.system_prompt, self.instruction], ensure_ascii=False)
+
+
+PLAIN = PromptStyle()
+
+
+def prompt_style(tokenizer=None, mode: str = "auto", system_prompt: str | None = None,
+                 instruction: str = DEFAULT_INSTRUCTION) -> PromptStyle:
+    """auto: the chat template when the tokenizer has one, else plain text; always: the chat template (an error
+    when there is none); never: plain text."""
+    if mode not in CHAT_MODES:
+        raise ValueError(f"chat_template={mode!r}: choose one of {', '.join(CHAT_MODES)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always" and not has_template:
+        raise PairFileError("chat_template=always, but the tokenizer has no chat template; use auto or never")
+    if mode == "never" or not has_template:
+        return PLAIN
+    return PromptStyle(chat=True, system_prompt=system_prompt, instruction=instruction, tokenizer=tokenizer)
+
+
+def render_prompt(problem: str, prefix_steps: list[str], style: PromptStyle = PLAIN) -> str:
     """Problem and the shared prefix steps; the next step follows directly after it."""
-    prefix = "".join(step + STEP_SEPARATOR for step in prefix_steps)
-    return f"Problem: {problem}{STEP_SEPARATOR}Solution:{STEP_SEPARATOR}{prefix}"
+    return style.problem_text(problem) + "".join(step + STEP_SEPARATOR for step in prefix_steps)
 
 
 def render_completion(steps: list[str]) -> str:
@@ -156,13 +215,13 @@ def render_completion(steps: list[str]) -> str:
     return STEP_SEPARATOR.join(steps)
 
 
-def render_pair(pair: dict, drop_prefix_steps: int = 0) -> tuple[str, str, str]:
+def render_pair(pair: dict, drop_prefix_steps: int = 0, style: PromptStyle = PLAIN) -> tuple[str, str, str]:
     """(prompt, chosen, rejected); `drop_prefix_steps` leaves out the oldest prefix steps (truncation)."""
     prefix = pair["prefix_steps"][drop_prefix_steps:]
     if drop_prefix_steps:
         prefix = ["..."] + prefix  # mark that earlier steps were left out
     return (
-        render_prompt(pair["problem"], prefix),
+        render_prompt(pair["problem"], prefix, style),
         render_completion(pair["chosen_steps"]),
         render_completion(pair["rejected_steps"]),
     )

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -43,6 +46,8 @@ class PrepareOptions:
     seed: int = opt(0, "Seed of the held-out split.")
     strict: bool = opt(False, "Stop at the first bad line (naming file, line, reason).")
     max_bad_fraction: float | None = opt(None, "Fail when more than this fraction of lines is rejected.")
+    overwrite: bool = opt(False, "Replace a non-empty --out directory (the new run's files replace it whole).")
+    allow_empty: bool = opt(False, "Succeed even when no pair is written (otherwise that is an error).")
     progress: bool = opt(True, "Show a progress bar.")
 
     def __post_init__(self):
@@ -64,24 +69,87 @@ class _Run:
     counts: Counter = field(default_factory=Counter)
     rejected_by_reason: Counter = field(default_factory=Counter)
     skipped_by_reason: Counter = field(default_factory=Counter)
+    no_pairs_by_reason: Counter = field(default_factory=Counter)
     walks_by_problem: dict = field(default_factory=lambda: defaultdict(list))
+    layouts: dict = field(default_factory=dict)
 
 
-def _rows(path: Path):
-    """(line, text or parsed row). jsonl: 1-based line numbers; a JSON array: 1-based element index."""
-    with path.open(encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith("["):
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno})") from None
-        for i, row in enumerate(rows, 1):
-            yield i, row, False
+_LAYOUT_HINT = ("stepdpo prepare reads JSON Lines (one object per line), a JSON array of objects, or a stream of "
+                "concatenated (e.g. pretty-printed) JSON objects")
+
+
+def _rows(path: Path, layout: dict):
+    """(line, raw bytes or parsed row, is_text) for every record of the file, whatever its layout:
+
+    * JSON Lines: each line as bytes (parsed by the caller: a bad line is one rejected line);
+    * a JSON array, or concatenated JSON objects (pretty-printed samples of PRM800K are shipped that way):
+      each value parsed here; `line` is the line where the value starts. A value that does not parse is
+      one rejected record, and reading resumes at the next line that starts an object.
+    `layout["name"]` says which layout was found."""
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    text_head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    first_line = text_head.split(b"\n", 1)[0].strip()
+    # A JSON array starts with "["; a pretty-printed object stream with a line that is only "{". Anything else
+    # is JSON Lines, where a line that does not parse (invalid UTF-8 included) is one rejected line.
+    whole = text_head.startswith(b"[") or first_line == b"{"
+    if not whole:
+        layout["name"] = "jsonl"
+        with path.open("rb") as f:  # bytes: a line with invalid UTF-8 is one rejected line, not a crash
+            for lineno, line in enumerate(f, 1):
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                yield lineno, line, True
         return
-    with path.open("rb") as f:  # bytes: a line with invalid UTF-8 is one rejected line, not a crash
-        for lineno, line in enumerate(f, 1):
-            yield lineno, line, True
+    text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
+    layout["name"] = "json-array" if text.lstrip().startswith("[") else "concatenated-json"
+    yield from _values(text, array=layout["name"] == "json-array")
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _values(text: str, array: bool):
+    """Values of a JSON array or of concatenated JSON values, with the line each starts on."""
+    import bisect
+    import re
+
+    newlines = [m.start() for m in re.finditer("\n", text)]
+
+    def line_of(pos: int) -> int:
+        return bisect.bisect_left(newlines, pos) + 1
+
+    ws = re.compile(r"[ \t\r\n]*")
+    pos = ws.match(text, 0).end()
+    if array:
+        pos = ws.match(text, pos + 1).end()  # past "["
+    while pos < len(text):
+        if array and text[pos] == "]":
+            return
+        start = pos
+        try:
+            value, pos = _DECODER.raw_decode(text, pos)
+        except (json.JSONDecodeError, RecursionError) as e:
+            detail = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else \
+                "nested too deeply to parse"
+            yield line_of(start), _Unparsable(detail), False
+            # resume at the next line that starts a new object (pretty-printed values start at column 0)
+            nxt = re.compile(r"\n[\[{]").search(text, start + 1)
+            if nxt is None:
+                return
+            pos = nxt.start() + 1
+            continue
+        yield line_of(start), value, False
+        pos = ws.match(text, pos).end()
+        if array and pos < len(text) and text[pos] == ",":
+            pos = ws.match(text, pos + 1).end()
+
+
+class _Unparsable:
+    """A value of a whole-file layout that is not valid JSON (rejected like an invalid JSON line)."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
 
 
 def _add_pair(run: _Run, kind, problem, prefix, chosen, rejected, source) -> None:
@@ -101,25 +169,41 @@ def _materialise(run: _Run) -> list[dict]:
             for (problem, prefix, chosen, rejected), (kind, sources) in run.pairs.items()]
 
 
-def _reject(run: _Run, opts: PrepareOptions, file: str, line: int, reason: str, detail: str, status="rejected"):
-    run.rejects.append({"file": file, "line": line, "reason": reason, "detail": detail, "status": status})
+def _reject(run: _Run, opts: PrepareOptions, file: str, line: int, reason: str, detail: str, status="rejected",
+            index: int | None = None):
+    """status: rejected (malformed), skipped (bad_problem), no_pairs (valid, but nothing to pair). `line` is where
+    the record starts; `index` (JSON arrays and concatenated objects) is its 1-based position in the file."""
+    row = {"file": file, "line": line, "reason": reason, "detail": detail, "status": status}
+    if index is not None:
+        row["index"] = index
+    run.rejects.append(row)
     if status == "rejected":
         run.rejected_by_reason[reason] += 1
         if opts.strict:
             raise PrepareError(f"{file}:{line}: {reason}: {detail} (drop --strict to skip bad lines)")
-    else:
+    elif status == "skipped":
         run.skipped_by_reason[reason] += 1
+    else:
+        run.no_pairs_by_reason[reason] += 1
 
 
 def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
-    file = str(path)
+    file = str(path.resolve())  # resolves later from any working directory
     convert = CONVERTERS.get(opts.format)
     size = path.stat().st_size
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"prepare {path.name}", disable=not opts.progress)
     pending = 0
     # Hot loop: local counters, written back to `run` once at the end.
     lines_read = records_used = without_pairs = pairs_generated = identical = duplicates = 0
-    for line, raw, is_text in _rows(path):
+    layout: dict = {}
+    index = None
+    for line, raw, is_text in _rows(path, layout):
+        if not is_text:
+            index = (index or 0) + 1
+        if raw.__class__ is _Unparsable:
+            lines_read += 1
+            _reject(run, opts, file, line, "invalid_json", raw.detail, index=index)
+            continue
         if is_text:
             pending += len(raw)
             if pending > 1 << 20:
@@ -130,8 +214,9 @@ def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
             lines_read += 1
             try:
                 row = fast_loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not valid UTF-8"
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                detail = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else
+                          "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else "nested too deeply to parse")
                 _reject(run, opts, file, line, "invalid_json", detail)
                 continue
         else:
@@ -143,20 +228,23 @@ def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
             else:
                 kind, problem, prefix, chosen, rejected = convert(row)
         except RecordError as e:
-            _reject(run, opts, file, line, e.reason, str(e))
+            _reject(run, opts, file, line, e.reason, str(e), index=index)
             continue
-        source = {"file": file, "line": line}
+        source = {"file": file, "line": line} if index is None else {"file": file, "line": line, "index": index}
         if convert is not None:
             records_used += 1
             _add_pair(run, kind, problem, prefix, chosen, rejected, source)
             pairs_generated += 1
             continue
         if walk.finish_reason == "bad_problem":
-            _reject(run, opts, file, line, "bad_problem", "finish_reason is bad_problem", status="skipped")
+            _reject(run, opts, file, line, "bad_problem", "finish_reason is bad_problem", status="skipped", index=index)
             continue
         records_used += 1
         if not walk.step_pairs:
             without_pairs += 1
+            if not opts.solution_pairs:  # with --solution-pairs the record may still give a solution pair
+                reason, detail = walk.no_pair_reason()
+                _reject(run, opts, file, line, reason, detail, status="no_pairs", index=index)
         identical += walk.identical_sides
         problem = walk.problem
         pairs = run.pairs
@@ -168,13 +256,19 @@ def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
             if existing is None:
                 pairs[key] = ("step", [source])
             else:
-                existing[1].append(source)
+                if existing[1][-1] is not source:  # one record lists itself once per pair
+                    existing[1].append(source)
                 duplicates += 1
         pairs_generated += len(walk.step_pairs)
         if opts.solution_pairs:
             run.walks_by_problem[walk.problem].append((walk, source))
     bar.update(size - bar.n)
     bar.close()
+    run.layouts[file] = layout.get("name", "jsonl")
+    if lines_read and records_used == 0 and lines_read == sum(
+            1 for r in run.rejects if r["file"] == file and r["reason"] == "invalid_json"):
+        raise PrepareError(f"--input {path}: no record parsed as JSON ({lines_read} tried as "
+                           f"{run.layouts[file]}). {_LAYOUT_HINT}; see the first errors with --strict.")
     c = run.counts
     c["lines_read"] += lines_read
     c["records_used"] += records_used
@@ -215,8 +309,9 @@ def run_prepare(options: PrepareOptions) -> dict:
     check(bool(options.out), "out", "is required: the output directory")
     report = prepare(options.input, options.out, options)
     c = report["counts"]
-    print(f"{c['lines_read']} lines read, {c['records_used']} records used, {c['pairs_written']} pairs written "
-          f"({c['duplicates_removed']} duplicates removed), {c['rejected']} rejected, {c['skipped']} skipped")
+    print(f"{c['lines_read']} records read: {c['records_with_pairs']} gave pairs, {c['records_without_pairs']} valid "
+          f"without pairs, {c['rejected']} rejected, {c['skipped']} skipped; {c['pairs_written']} pairs written "
+          f"({c['duplicates_removed']} duplicates removed)")
     if report["split"]:
         s = report["split"]
         print(f"split by problem: train {s['train_pairs']} pairs / {s['train_problems']} problems, "
@@ -238,35 +333,69 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions) -> 
 
 
 def _prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions) -> dict:
-    if opts.format not in FORMATS:
-        raise PrepareError(f"--format {opts.format!r} is not one of {', '.join(FORMATS)}")
-    if opts.neutral not in NEUTRAL_POLICIES:
-        raise PrepareError(f"--neutral {opts.neutral!r} is not one of {', '.join(NEUTRAL_POLICIES)}")
-    if not 0.0 <= opts.test_fraction < 1.0:
-        raise PrepareError(f"--test-fraction must be in [0, 1), got {opts.test_fraction}")
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():
             raise PrepareError(f"--input {p}: no such file")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file; name a directory")
+    if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
+        raise PrepareError(f"--out {out} is not empty; pass --overwrite to replace it with this run's files (the whole "
+                           "directory is replaced, so no file of an earlier run stays beside them), or name a new one")
     start = time.perf_counter()
     run = _Run()
     for path in paths:
         _process_file(path, run, opts)
     if opts.solution_pairs and opts.format == "prm800k":
         _add_solution_pairs(run, opts.solution_pairs)
-
+        used = {id(src) for _, sources in run.pairs.values() for src in sources}
+        for walks in run.walks_by_problem.values():
+            for walk, source in walks:
+                if not walk.step_pairs and id(source) not in used:
+                    reason, detail = walk.no_pair_reason()
+                    _reject(run, opts, source["file"], source["line"], reason, detail, status="no_pairs",
+                            index=source.get("index"))
     pairs = _materialise(run)
+    bad = sum(run.rejected_by_reason.values())
+    n_lines = run.counts["lines_read"]
+    if not pairs and not opts.allow_empty:
+        where = ", ".join(f"{p} ({run.layouts.get(str(p.resolve()), '?')})" for p in paths)
+        raise PrepareError(f"no pair was written from {where}: {n_lines} records read, {bad} rejected, "
+                           f"{sum(run.no_pairs_by_reason.values())} valid without pairs ({dict(run.no_pairs_by_reason)}). "
+                           f"Check --format {opts.format}, or pass --allow-empty")
+    if opts.max_bad_fraction is not None and n_lines and bad / n_lines > opts.max_bad_fraction:
+        first = "; ".join(f"line {r['line']}: {r['reason']}" for r in run.rejects[:3] if r["status"] == "rejected")
+        raise PrepareError(
+            f"{bad} of {n_lines} lines ({bad / n_lines:.1%}) were rejected, above --max-bad-fraction "
+            f"{opts.max_bad_fraction} (first: {first}); nothing was written"
+        )
+
+    # Everything is written into a staging directory beside --out, then swapped in: a killed run leaves the
+    # previous output whole (or nothing), never a mix of two runs, and report.json always describes exactly
+    # the files beside it.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        report = _write_outputs(stage, paths, opts, run, pairs, start)
+        _swap_in(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_outputs(stage: Path, paths: list[Path], opts: PrepareOptions, run: _Run, pairs: list[dict],
+                   start: float) -> dict:
     files = {"pairs": "pairs.jsonl", "rejects": "rejects.jsonl", "report": "report.json"}
     lines = {p["id"]: to_json_line(p) for p in pairs}  # encode each pair once, write it up to twice
-    write_lines(out / files["pairs"], lines.values())
-    write_lines(out / files["rejects"], map(to_json_line, run.rejects))
+    write_lines(stage / files["pairs"], lines.values())
+    write_lines(stage / files["rejects"], map(to_json_line, run.rejects))
     split = None
     if opts.test_fraction > 0:
         train, test = split_by_problem(pairs, opts.test_fraction, opts.seed)
-        write_lines(out / "train" / "pairs.jsonl", (lines[p["id"]] for p in train))
-        write_lines(out / "test" / "pairs.jsonl", (lines[p["id"]] for p in test))
+        write_lines(stage / "train" / "pairs.jsonl", (lines[p["id"]] for p in train))
+        write_lines(stage / "test" / "pairs.jsonl", (lines[p["id"]] for p in test))
         files.update(train="train/pairs.jsonl", test="test/pairs.jsonl")
         split = {
             "train_pairs": len(train),
@@ -274,34 +403,51 @@ def _prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions) ->
             "train_problems": len({p["problem"] for p in train}),
             "test_problems": len({p["problem"] for p in test}),
         }
-    bad = sum(run.rejected_by_reason.values())
-    n_lines = run.counts["lines_read"]
+    no_pairs = sum(run.no_pairs_by_reason.values())
+    counts = {
+        "lines_read": run.counts["lines_read"],
+        "records_used": run.counts["records_used"],
+        "records_with_pairs": run.counts["records_used"] - no_pairs,
+        "records_without_pairs": no_pairs,
+        "records_without_step_pairs": run.counts["records_without_step_pairs"],
+        "pairs_generated": run.counts["pairs_generated"],
+        "duplicates_removed": run.counts["duplicates_removed"],
+        "identical_sides_skipped": run.counts["identical_sides_skipped"],
+        "solution_pairs": run.counts["solution_pairs"],
+        "pairs_written": len(pairs),
+        "rejected": sum(run.rejected_by_reason.values()),
+        "skipped": sum(run.skipped_by_reason.values()),
+        "rejects_file_lines": len(run.rejects),
+    }
+    # every record read is accounted for exactly once
+    assert counts["lines_read"] == counts["records_with_pairs"] + no_pairs + counts["rejected"] + counts["skipped"]
+    assert counts["rejects_file_lines"] == no_pairs + counts["rejected"] + counts["skipped"]
     report = {
-        "inputs": [str(p) for p in paths],
+        "inputs": [str(p.resolve()) for p in paths],
+        "layouts": run.layouts,
         "options": asdict(opts),
-        "counts": {
-            "lines_read": n_lines,
-            "records_used": run.counts["records_used"],
-            "records_without_step_pairs": run.counts["records_without_step_pairs"],
-            "pairs_generated": run.counts["pairs_generated"],
-            "duplicates_removed": run.counts["duplicates_removed"],
-            "identical_sides_skipped": run.counts["identical_sides_skipped"],
-            "solution_pairs": run.counts["solution_pairs"],
-            "pairs_written": len(pairs),
-            "rejected": bad,
-            "skipped": sum(run.skipped_by_reason.values()),
-        },
+        "counts": counts,
         "rejected_by_reason": dict(run.rejected_by_reason),
         "skipped_by_reason": dict(run.skipped_by_reason),
+        "no_pairs_by_reason": dict(run.no_pairs_by_reason),
         "pair_kinds": dict(Counter(p["kind"] for p in pairs)),
         "split": split,
         "files": files,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    (out / files["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    if opts.max_bad_fraction is not None and n_lines and bad / n_lines > opts.max_bad_fraction:
-        raise PrepareError(
-            f"{bad} of {n_lines} lines ({bad / n_lines:.1%}) were rejected, above --max-bad-fraction "
-            f"{opts.max_bad_fraction}; see {out / files['rejects']} for each line and reason"
-        )
+    (stage / files["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace `out` by `stage`. Between the two renames `out` is briefly absent, never half-written; an old
+    copy left by a run killed right there is removed by the next run."""
+    for leftover in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)

@@ -44,6 +44,27 @@ class Walk:
     has_error: bool = False
     finish_reason: str | None = None
     identical_sides: int = 0  # (+1, -1) combinations with the same text: no preference, not written
+    # ratings seen on the walked steps (after --neutral), to say why a record gave no pair
+    positives: int = 0
+    negatives: int = 0
+    neutrals: int = 0
+    stopped_on_error: bool = False  # the walk ended at a step whose candidates were all -1
+
+    def no_pair_reason(self) -> tuple[str, str]:
+        """(reason code, detail) for a valid record that yields no step pair."""
+        seen = f"walked steps had {self.positives} +1, {self.negatives} -1 and {self.neutrals} skipped 0 candidates"
+        if self.identical_sides and self.positives and self.negatives:
+            return "identical_sides", f"every +1/-1 combination had the same text ({seen})"
+        if self.finish_reason == "found_error" and self.stopped_on_error:
+            return "found_error_no_positive_alternative", (
+                "the labeller found an error and every alternative at that step is -1, with no +1 beside a -1 at any "
+                f"earlier step ({seen})")
+        if not self.negatives:
+            return "no_negative_step", f"no step has a -1 candidate to pair against ({seen})"
+        if not self.positives:
+            return "no_positive_step", ("no step has a +1 candidate (e.g. a found error whose alternatives are all -1; "
+                                        f"{seen})")
+        return "no_step_with_both", f"no single step has both a +1 and a -1 candidate ({seen})"
 
 
 def _valid_rating(r) -> bool:
@@ -117,9 +138,14 @@ def walk_record(record, neutral: str = "skip") -> Walk:
                 continue
             if rating == 0:
                 if neutral_as is None:
+                    walk.neutrals += 1
                     continue
                 rating = neutral_as
-            (good if rating == 1 else bad).append(text)
+            # Identical texts within a step are one candidate (phase 2 repeats the erroneous step's text as
+            # an alternative): otherwise one record would give the same pair, and the same source, twice.
+            same = good if rating == 1 else bad
+            if text not in same:
+                same.append(text)
         chosen = step.get("chosen_completion")
         if chosen is not None and not (chosen.__class__ is int and 0 <= chosen < len(completions)):
             _check_step(i, step)
@@ -129,8 +155,10 @@ def walk_record(record, neutral: str = "skip") -> Walk:
                 human = human.get("text")
             if human.__class__ is not str or not human:
                 human = None
-            else:
+            elif human not in good:
                 good.append(human)
+        walk.positives += len(good)
+        walk.negatives += len(bad)
         if good and bad:
             frozen = tuple(prefix)
             for g in good:
@@ -150,6 +178,7 @@ def walk_record(record, neutral: str = "skip") -> Walk:
             if bad:  # the trajectory ends on its first error (phase 2 found_error)
                 prefix.append(bad[0])
                 walk.has_error = True
+                walk.stopped_on_error = not good
             walking = False
     walk.trajectory = prefix
     return walk

@@ -51,7 +51,8 @@ class HFScorer(RewardBackend):
 
     # ---- judge: one prompt per substep
     def judge_ids(self, sub: Substep) -> list[int]:
-        return self.tokenizer(judge_prompt(sub))["input_ids"]
+        style = self.spec.style
+        return self.tokenizer(judge_prompt(sub, style), add_special_tokens=style.add_special_tokens)["input_ids"]
 
     @torch.no_grad()
     def score_judge(self, subs: list[Substep]) -> list[float]:
@@ -70,7 +71,9 @@ class HFScorer(RewardBackend):
 
     # ---- prm: one pass per solution, a reward at every step tag
     def prm_ids(self, problem: str, steps: list[str]) -> list[int]:
-        return self.tokenizer(prm_text(problem, steps, self.spec.step_tag))["input_ids"]
+        style = self.spec.style
+        return self.tokenizer(prm_text(problem, steps, self.spec.step_tag, style),
+                              add_special_tokens=style.add_special_tokens)["input_ids"]
 
     @torch.no_grad()
     def score_prm(self, solutions: list[tuple[str, list[str]]]) -> list[list[float]]:

@@ -9,6 +9,7 @@ or vLLM servers) sits behind one interface, `RewardBackend`; this module never a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stepdpo.data.pairs import read_pairs, write_jsonl
+from stepdpo.data.pairs import DEFAULT_INSTRUCTION, prompt_style, read_pairs, write_jsonl
+from stepdpo.identity import model_identity
 from stepdpo.options import REQUIRED, check, check_choice, opt
 from stepdpo.reward.accuracy import reward_accuracy
 from stepdpo.reward.scorer import (DEFAULT_STEP_TAG, MethodSpec, RewardBackend, ScoreCache, ScoreError, Substep,
@@ -52,6 +54,11 @@ class ScoreOptions:
                      choices=("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = opt(False, "Allow a reward model that ships its own Python code (e.g. "
                                   "Qwen2.5-Math-PRM) to run it. Off: such a model is refused.")
+    chat_template: str = opt("auto", "Render the problem through the reward model's chat template when it has one "
+                             "(auto), always, or never (plain text), as training does for the policy.",
+                             choices=("auto", "always", "never"))
+    system_prompt: str | None = opt(None, "Chat template: the system message (default: the template's own).")
+    instruction: str = opt(DEFAULT_INSTRUCTION, "Chat template: the instruction after the problem.")
     prm_good_token: str = opt("+", "prm: the token meaning 'step is good'.")
     prm_bad_token: str = opt("-", "prm: the token meaning 'step is bad'.")
     prm_step_tag: str = opt(DEFAULT_STEP_TAG, "prm: the step tag after each step (math-shepherd: ' ки').")
@@ -83,7 +90,7 @@ def _api_key(env_name: str | None, file: str | None) -> str | None:
 
 
 def make_backend(options: ScoreOptions, spec: MethodSpec, token: str | None) -> RewardBackend:
-    """The one place that picks a backend."""
+    """The one place that picks a backend. The backend's `spec` has the prompt style and the model identity."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -93,6 +100,9 @@ def make_backend(options: ScoreOptions, spec: MethodSpec, token: str | None) -> 
         raise ScoreError(f"--model {spec.model}: cannot load its tokenizer/config ({str(e).splitlines()[0]}). Pass a "
                          "local model directory, or a hub id with network access (HF_HUB_OFFLINE needs a cached "
                          "copy).") from None
+    spec = dataclasses.replace(spec, style=prompt_style(tokenizer, options.chat_template, options.system_prompt,
+                                                        options.instruction),
+                               model_id=model_identity(spec.model, token))
     if options.backend == "hf":
         from stepdpo.reward.hf import load_hf_backend
 
@@ -188,6 +198,7 @@ def score(options: ScoreOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     token = resolve_token(options.hf_token_file).value
     backend = make_backend(options, spec, token)
+    spec = backend.spec
     cache = ScoreCache(options.cache or out / "score_cache.jsonl")
     start = time.perf_counter()
     try:

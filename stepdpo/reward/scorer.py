@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepdpo.data.pairs import PROMPT_TEMPLATE_VERSION, render_prompt
+from stepdpo.data.pairs import PLAIN, PROMPT_TEMPLATE_VERSION, PromptStyle, render_prompt
 from stepdpo.errors import StepdpoError
 
 JUDGE_QUESTION = "Step: {step}\nIs this step correct? Answer:"
@@ -83,22 +83,25 @@ class MethodSpec:
     bad_token: str = "-"
     step_tag: str = DEFAULT_STEP_TAG
     head: str = "lm"  # prm: "lm" (good/bad token logits) or "classifier" (2-label token-classification head)
+    style: PromptStyle = PLAIN  # how the problem is rendered (plain, or the reward model's chat template)
+    model_id: str = ""  # the model's identity (hub revision or a hash of its files), not only its path
 
     def key(self, sub: Substep) -> str:
-        fields = [self.model, self.method, PROMPT_TEMPLATE_VERSION, sub.problem, list(sub.previous), sub.step]
+        fields = [self.model_id or self.model, self.method, PROMPT_TEMPLATE_VERSION, self.style.key(), sub.problem,
+                  list(sub.previous), sub.step]
         if self.method == "prm":
             fields += [self.good_token, self.bad_token, self.step_tag, self.head]
         payload = json.dumps(fields, ensure_ascii=False)
         return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
-def judge_prompt(sub: Substep) -> str:
-    return render_prompt(sub.problem, list(sub.previous)) + JUDGE_QUESTION.format(step=sub.step)
+def judge_prompt(sub: Substep, style: PromptStyle = PLAIN) -> str:
+    return render_prompt(sub.problem, list(sub.previous), style) + JUDGE_QUESTION.format(step=sub.step)
 
 
-def prm_text(problem: str, steps: list[str], tag: str) -> str:
+def prm_text(problem: str, steps: list[str], tag: str, style: PromptStyle = PLAIN) -> str:
     """math-shepherd's layout: the question, then every step followed by the step tag."""
-    return render_prompt(problem, []) + "".join(f"{s}{tag}\n" for s in steps)
+    return render_prompt(problem, [], style) + "".join(f"{s}{tag}\n" for s in steps)
 
 
 def single_token(tokenizer, variants: tuple[str, ...]) -> int | None:

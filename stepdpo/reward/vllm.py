@@ -298,8 +298,9 @@ class VLLMBackend:
         from stepdpo.reward.scorer import judge_prompt, prob_first
 
         prompts = []
+        style = self.spec.style
         for s in subs:
-            ids = self.tokenizer(judge_prompt(s))["input_ids"]
+            ids = self.tokenizer(judge_prompt(s, style), add_special_tokens=style.add_special_tokens)["input_ids"]
             prompts += [ids + [self.yes_id], ids + [self.no_id]]
         lp = self.client.last_token_logprobs(url, prompts)
         return [prob_first(lp[2 * i], lp[2 * i + 1]) for i in range(len(subs))]
@@ -308,7 +309,9 @@ class VLLMBackend:
     def prm(self, url: str, solutions: list[tuple[str, list[str]]]) -> list[list[float]]:
         from stepdpo.reward.scorer import prm_text, prob_first
 
-        prompts = [self.tokenizer(prm_text(p, s, self.spec.step_tag))["input_ids"] for p, s in solutions]
+        style = self.spec.style
+        prompts = [self.tokenizer(prm_text(p, s, self.spec.step_tag, style), add_special_tokens=style.add_special_tokens)
+                   ["input_ids"] for p, s in solutions]
         if url in self._no_pooling:
             return self._prm_by_logprobs(url, prompts, solutions)
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from stepdpo.data.pairs import CHAT_MODES, DEFAULT_INSTRUCTION
 from stepdpo.errors import OptionsError
 from stepdpo.train.losses import STEP_LOSSES, WEIGHT_FNS
 # Fields that must never reach a saved config, a log or a checkpoint.
@@ -54,6 +55,19 @@ class StepwiseDPOConfig(DPOConfig):
     step_weight_fn: str = field(
         default="sigmoid",
         metadata={"help": "step_weighted: w = 2*sigmoid(gamma*dr) (sigmoid) or max(gamma*dr, 0) (linear).", "choices": list(WEIGHT_FNS)},
+    )
+    chat_template: str = field(
+        default="auto",
+        metadata={"help": "auto: render the problem through the tokenizer's chat template when it has one (instruct "
+                  "models), else as plain text (base models); always; never. Steps follow the rendered prompt as they "
+                  "are, never closed by an end-of-turn token.", "choices": ["auto", "always", "never"]},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Chat template: the system message (default: the template's own)."}
+    )
+    instruction: str = field(
+        default=DEFAULT_INSTRUCTION,
+        metadata={"help": "Chat template: the instruction after the problem in the user turn (Step-DPO's); empty for none."},
     )
     append_eos: bool = field(
         default=False,
@@ -107,6 +121,8 @@ class StepwiseDPOConfig(DPOConfig):
             raise OptionsError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
         if self.step_weight_fn not in WEIGHT_FNS:
             raise OptionsError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
+        if self.chat_template not in CHAT_MODES:
+            raise OptionsError(f"chat_template={self.chat_template!r}: choose one of {', '.join(CHAT_MODES)}")
         if self.dtype not in DTYPE_CHOICES:
             raise OptionsError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
         if self.step_loss != "dpo":

@@ -33,7 +33,7 @@ from stepdpo.train.checkpoint import mark_complete, save_run_config
 from stepdpo.train.logps import sequence_logps
 from stepdpo.train.modeling import disable_dropout
 from stepdpo.train.seq2seq import add_seq2seq_fused_head, is_encoder_decoder
-from stepdpo.train.tokenize import tokenize_pair, tokenize_texts
+from stepdpo.train.tokenize import PairTokenizer, tokenize_texts
 
 logger = logging.getLogger("stepdpo.train")
 
@@ -275,9 +275,10 @@ class StepwiseDPOTrainer(DPOTrainer):
         if _is_trl_rows(dataset.column_names):
             return self._prepare_text_dataset(dataset, args, dataset_name)
 
+        pair_tokenizer = PairTokenizer.from_settings(tokenizer, args, encoder_decoder=enc_dec)
+
         def tokenize(example, index):
-            tp = tokenize_pair(example, tokenizer, max_length=args.max_length, append_eos=args.append_eos,
-                               encoder_decoder=enc_dec)
+            tp = pair_tokenizer(example)
             if tp is None:
                 return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "dropped_prefix_steps": -1,
                         "pair_index": index}

@@ -71,3 +71,48 @@ logging_steps: 1
     lrs = [h["learning_rate"] for h in summary["log_history"] if "learning_rate" in h]
     assert lrs[0] == pytest.approx(5e-4)
     assert (tmp_path / "run" / "final" / "COMPLETED").is_file()
+
+
+def test_inspect_shows_step_dpos_exact_text_with_a_chat_model(tiny_mistral, tmp_path):
+    """A Step-DPO-layout file through prepare, then `stepdpo inspect --json` with a recipe: the trainer's texts are
+    Step-DPO's own concatenation, byte for byte, and training uses exactly those token ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.unit.data.test_render import QWEN2_TEMPLATE, STEP_DPO_QWEN2_BOXED
+    from tests.unit.data.test_formats import STEP_DPO_ROWS
+
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny_mistral, chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN2_TEMPLATE
+    tok.save_pretrained(chat)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(chat)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(chat)
+    rows = STEP_DPO_ROWS
+    (tmp_path / "sd.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run("prepare", "--format", "step-dpo", "--input", tmp_path / "sd.jsonl", "--out", tmp_path / "p")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model_name_or_path: {chat}\ntrain_pairs: {tmp_path / 'p' / 'pairs.jsonl'}\n"
+                      f"output_dir: {tmp_path / 'run'}\nmax_length: 512\nbeta: 0.5\nuse_cpu: true\nreport_to: none\n"
+                      "max_steps: 1\nper_device_train_batch_size: 2\n")
+    out = run("inspect", "--config", recipe, "--pairs", tmp_path / "p", "-n", len(rows), "--json").stdout
+    shown = [json.loads(x) for x in out.splitlines()]
+    expected = {(STEP_DPO_QWEN2_BOXED.format(instruction=r["prompt"]) + r["initial_reason_steps"] + r["chosen"],
+                 STEP_DPO_QWEN2_BOXED.format(instruction=r["prompt"]) + r["initial_reason_steps"] + r["rejected"])
+                for r in rows}  # two rows are the same pair ("Step 1:" + " a" and "" + "Step 1: a"): one pair
+    assert {(s["text_chosen"], s["text_rejected"]) for s in shown} == expected and len(shown) == len(expected)
+    for got in shown:
+        assert got["tokens"]["prompt"] == len(got["ids"]["prompt"]) and got["dropped_prefix_steps"] == 0
+    # the trainer's own dataset holds exactly inspect's ids
+    from stepdpo.cli import parse
+    from stepdpo.train.run import build_trainer
+
+    trainer = build_trainer(parse("train", ["--config", str(recipe)])[0])
+    ds = {tuple(r["prompt_ids"] + r["chosen_ids"]) for r in trainer.train_dataset}
+    assert {tuple(s["ids"]["prompt"] + s["ids"]["chosen"]) for s in shown} == ds

@@ -15,6 +15,7 @@ from stepdpo.testing import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.deepspeed]
 RECIPE = REPO / "configs" / "recipes" / "tiny" / "mistral_cpu.yaml"
 QLORA = REPO / "configs" / "recipes" / "tiny" / "mistral_qlora_zero3_cpu.yaml"
+DDP_TOL = 3e-5  # see test_ddp_two_processes_equal_one_process
 
 
 def launch(mode, recipe, model, pairs, out, *overrides, probe=True):
@@ -44,7 +45,10 @@ def single(tiny_mistral, synth_pairs, tmp_path_factory):
 def test_ddp_two_processes_equal_one_process(single, tiny_mistral, synth_pairs, tmp_path):
     ddp = launch("cpu-ddp", RECIPE, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", tmp_path,
                  "--max_steps", 4, "--per_device_train_batch_size", 2)
-    assert losses(ddp) == pytest.approx(losses(single), abs=1e-5)
+    # float32 reduction-order noise: per-rank batches pad to their own length and gloo sums the gradients in
+    # another order. With the tiny Mistral on Mistral-7B's real config (sliding window, rope) it measured
+    # 1.39e-5 at step 3 (the old stand-in config stayed under 1e-5).
+    assert losses(ddp) == pytest.approx(losses(single), abs=DDP_TOL)
     assert json.loads((tmp_path / "partition_rank1.json").read_text())["world_size"] == 2
 
 

@@ -67,7 +67,7 @@ def losses(run_dir: Path) -> list[float]:
 TRAIN_ARGS = ["--per_device_train_batch_size", 2]
 
 
-@pytest.mark.parametrize("mode, tol", [("cpu-ddp", 1e-5), ("cpu-zero3", 1e-4)])
+@pytest.mark.parametrize("mode, tol", [("cpu-ddp", 3e-5), ("cpu-zero3", 1e-4)])  # as in test_distributed
 def test_two_tasks_act_as_two_machines(mode, tol, cluster, tiny_mistral, synth_pairs, tmp_path):
     """train.sbatch with 2 tasks: machine ranks 0 and 1 (expanded on the node), rendezvous on the first
     node's address; one job of world size 2, with the same losses as one process with the same global batch."""
