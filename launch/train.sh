@@ -51,6 +51,8 @@ done
 [[ -f $CONFIG ]] || { echo "train.sh: --config $CONFIG: no such file" >&2; exit 2; }
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || { echo "train.sh: --nodes must be a positive integer, got '$NODES'" >&2; exit 2; }
 [[ $RANK =~ ^[0-9]+$ && $RANK -lt $NODES ]] || { echo "train.sh: --machine-rank $RANK must be in [0, $NODES)" >&2; exit 2; }
+[[ $PROCS =~ ^[1-9][0-9]*$ ]] || { echo "train.sh: --procs must be a positive integer, got '$PROCS'" >&2; exit 2; }
+[[ -z $GPUS || $GPUS =~ ^[1-9][0-9]*$ ]] || { echo "train.sh: --gpus-per-node must be a positive integer, got '$GPUS'" >&2; exit 2; }
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${STEPDPO_PYTHON:-}

@@ -81,6 +81,12 @@ def is_local(name: str) -> bool:
     return os.path.isdir(os.path.expanduser(name))
 
 
+def looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id (`org/name`): absolute, relative with ./ or ~, or deeper than one /."""
+    name = str(name)
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def _offline() -> bool:
     """huggingface_hub's and transformers' offline switches, spelled any way they accept."""
     return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")

@@ -158,7 +158,9 @@ def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = No
     args = _loading_args(run_cfg)
     device = _device()
     adapter = Path(path) / "adapter_config.json"
-    if not adapter.is_file() and not Path(path).exists() and "/" not in str(path).strip("/"):
+    from stepdpo.auth import looks_like_path
+
+    if not Path(path).exists() and looks_like_path(path):
         raise EvalError(f"--model {path}: no such model directory")
     base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
     try:

@@ -131,11 +131,15 @@ def write_lines(path: str | Path, lines: Iterable[bytes]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("wb") as f:
-        for line in lines:
-            f.write(line)
-            n += 1
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as f:
+            for line in lines:
+                f.write(line)
+                n += 1
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not stay full of our half-written file
+        raise
     return n
 
 

@@ -23,6 +23,7 @@ from stepdpo.data.pairs import DEFAULT_INSTRUCTION, prompt_style, read_pairs, wr
 from stepdpo.identity import model_identity
 from stepdpo.options import REQUIRED, check, check_choice, opt
 from stepdpo.reward.accuracy import reward_accuracy
+from stepdpo.reward.vllm import redact_url
 from stepdpo.reward.scorer import (DEFAULT_STEP_TAG, MethodSpec, RewardBackend, ScoreCache, ScoreError, Substep,
                                    substeps_of_pair)
 
@@ -93,6 +94,10 @@ def make_backend(options: ScoreOptions, spec: MethodSpec, token: str | None) -> 
     """The one place that picks a backend. The backend's `spec` has the prompt style and the model identity."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from stepdpo.auth import looks_like_path
+
+    if looks_like_path(spec.model) and not Path(spec.model).expanduser().exists():
+        raise ScoreError(f"--model {spec.model}: no such model directory (cannot load its tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model, token=token)
         config = AutoConfig.from_pretrained(spec.model, token=token)
@@ -205,6 +210,8 @@ def score(options: ScoreOptions) -> dict:
         counts = score_pairs(pairs, spec, cache, backend, batch_size=options.batch_size, progress=options.progress)
     except VLLMError as e:
         raise ScoreError(f"{e} (scores so far are cached in {cache.path}; re-run to resume)") from None
+    except ScoreError as e:
+        raise ScoreError(redact_url(str(e))) from None
     finally:
         cache.close()
     wall = time.perf_counter() - start
@@ -216,7 +223,7 @@ def score(options: ScoreOptions) -> dict:
         "model": options.model,
         "method": options.method,
         "backend": options.backend,
-        "urls": options.url,
+        "urls": [redact_url(u) for u in options.url],
         **backend.report(),
         "reward_accuracy": reward_accuracy(pairs),
         "pairs_file": str(out / "pairs.jsonl"),

@@ -192,6 +192,15 @@ class ScoreCache:
                     # anything else (NaN, a string, a boolean) is ignored and recomputed, never served
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")
+        # One scorer per cache: two would each score everything missing, twice the work for the same numbers.
+        import fcntl
+
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.close()
+            raise ScoreError(f"{self.path} is in use by another `stepdpo score`; wait for it to finish (it fills the "
+                             "same cache) or pass another --cache") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.values

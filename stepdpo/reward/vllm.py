@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import defaultdict
@@ -32,8 +33,19 @@ import requests
 logger = logging.getLogger("stepdpo.vllm")
 
 
+_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """`http://user:pass@host` -> `http://***@host`, in a URL or in any text that holds one."""
+    return _CREDENTIALS.sub(r"\1***@", str(text))
+
+
 class VLLMError(RuntimeError):
-    """Base class; every message names the URL."""
+    """Base class; every message names the URL (credentials in it redacted)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_url(message))
 
 
 class ServerUnreachable(VLLMError):
@@ -83,8 +95,8 @@ class VLLMClient:
         self.requests_sent = 0
         self.retries = 0
 
-    def __repr__(self) -> str:  # no API key in reprs or tracebacks
-        return f"VLLMClient(urls={self.urls}, model={self.model!r})"
+    def __repr__(self) -> str:  # no API key or URL credentials in reprs or tracebacks
+        return f"VLLMClient(urls={[redact_url(u) for u in self.urls]}, model={self.model!r})"
 
     # ------------------------------------------------------------------ health
     def wait_healthy(self, deadline_s: float = 300.0, poll_s: float = 1.0) -> None:
@@ -203,7 +215,7 @@ class VLLMClient:
             if self._failures_in_a_row[url] >= self.fail_after and url not in self.dead and len(self.urls) > 1:
                 self.dead.add(url)
                 stats["in_rotation"] = False
-                logger.warning("%s failed %d times in a row (%s); its batches go to the other URLs", url,
+                logger.warning("%s failed %d times in a row (%s); its batches go to the other URLs", redact_url(url),
                                self._failures_in_a_row[url], str(error)[:160])
 
     def last_token_logprobs(self, url: str, prompts: list[list[int]]) -> list[float]:
@@ -288,10 +300,11 @@ class VLLMBackend:
 
     def report(self) -> dict:
         c = self.client
-        return {"requests_sent": c.requests_sent, "retries": c.retries, "per_url": c.url_stats,
-                "max_in_flight_per_url": c.max_in_flight,
+        return {"requests_sent": c.requests_sent, "retries": c.retries,
+                "per_url": {redact_url(u): v for u, v in c.url_stats.items()},
+                "max_in_flight_per_url": {redact_url(u): v for u, v in c.max_in_flight.items()},
                 "failed_over_batches": sum(s["failed_over"] for s in c.url_stats.values()),
-                "urls_out_of_rotation": sorted(c.dead)}
+                "urls_out_of_rotation": sorted(redact_url(u) for u in c.dead)}
 
     # judge ---------------------------------------------------------------
     def judge(self, url: str, subs) -> list[float]:
@@ -322,7 +335,8 @@ class VLLMBackend:
                                   "launch/serve_reward.sh --method prm --prm-head classifier") from None
             logger.warning("%s does not serve STEP pooling (%s); scoring every step tag through prompt "
                            "logprobs instead (same numbers; vLLM's prefix cache keeps it cheap). For one pass per "
-                           "solution start the server with launch/serve_reward.sh --method prm", url, str(e)[:120])
+                           "solution start the server with launch/serve_reward.sh --method prm", redact_url(url),
+                           str(e)[:120])
             self._no_pooling.add(url)
             return self._prm_by_logprobs(url, prompts, solutions)
         out = []

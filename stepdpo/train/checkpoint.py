@@ -76,3 +76,75 @@ def load_run_config(path: str | Path) -> dict | None:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return None
+
+
+def rotate_complete_checkpoints(output_dir: str | Path, limit: int | None, best: str | None = None) -> list[Path]:
+    """Keep the newest `limit` complete checkpoints (and the best one); delete older complete ones and any
+    incomplete checkpoint older than the newest complete one (a crash's leftovers). Returns what was deleted."""
+    import shutil
+
+    if not limit or limit <= 0:
+        return []
+    complete = complete_checkpoints(output_dir)
+    if not complete:
+        return []
+    protected = {complete[-1]} | ({Path(best)} if best else set())
+    excess = len(complete) - max(limit, len(protected))
+    doomed = [c for c in complete if c not in protected][:max(excess, 0)]
+    newest = int(complete[-1].name.split("-")[1])
+    for child in Path(output_dir).iterdir():
+        m = _CKPT.match(child.name)
+        if m and child.is_dir() and not is_complete(child) and int(m.group(1)) < newest:
+            doomed.append(child)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+FINGERPRINT = "stepdpo_fingerprint.json"
+
+
+def run_fingerprint(args) -> dict:
+    """What a checkpoint was trained from: the model's identity (hub commit, or a hash of its files) and the
+    data files' fingerprints. A resumed run must match it."""
+    from stepdpo.identity import file_fingerprint, model_identity
+
+    data = {}
+    for key in ("train_pairs", "eval_pairs"):
+        value = getattr(args, key, None)
+        if value:
+            path = Path(value)
+            path = path / "pairs.jsonl" if path.is_dir() else path
+            data[key] = file_fingerprint(path) if path.is_file() else None
+    return {"model": model_identity(args.model_name_or_path, revision=getattr(args, "model_revision", None)),
+            "model_name_or_path": args.model_name_or_path, "data": data}
+
+
+def save_fingerprint(args, directory: str | Path) -> None:
+    path = Path(directory) / FINGERPRINT
+    tmp = path.with_name(FINGERPRINT + ".tmp")
+    tmp.write_text(json.dumps(run_fingerprint(args), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def check_fingerprint(args, checkpoint: str | Path) -> None:
+    """Raise (naming both and the way out) when `checkpoint` was trained from another model or other data."""
+    from stepdpo.errors import OptionsError
+
+    path = Path(checkpoint) / FINGERPRINT
+    if not path.is_file():
+        return  # written before fingerprints existed: nothing to compare
+    saved, now = json.loads(path.read_text()), run_fingerprint(args)
+    problems = []
+    if saved.get("model") != now["model"]:
+        problems.append(f"model {saved.get('model_name_or_path')} ({saved.get('model')}) there, "
+                        f"{now['model_name_or_path']} ({now['model']}) now")
+    for key, value in now["data"].items():
+        if key in saved.get("data", {}) and saved["data"][key] != value:
+            problems.append(f"{key} differs from the file it was trained on")
+    if problems:
+        raise OptionsError(
+            f"{checkpoint} belongs to another run: {'; '.join(problems)}. Resuming would continue that run. Pass "
+            "--resume never to start over in this output_dir (its checkpoints will be overwritten), or choose a new "
+            "--output_dir."
+        )

@@ -45,6 +45,11 @@ def build_trainer(config, callbacks=None, trainer_cls=None):
     # malformed line, fail here, not at the first evaluation after hours of training.
     needs_rewards = config.step_loss != "dpo"
     train_pairs = read_pairs(config.train_pairs, require_rewards=needs_rewards)
+    if not train_pairs:
+        from stepdpo.data.pairs import PairFileError
+
+        raise PairFileError(f"--train_pairs {config.train_pairs}: the file holds no pairs; run `stepdpo prepare` "
+                            "(it reports why records gave none)")
     if config.max_train_pairs:
         train_pairs = train_pairs[: config.max_train_pairs]
     eval_pairs = read_pairs(config.eval_pairs, require_rewards=needs_rewards) if config.eval_pairs else None
@@ -71,16 +76,26 @@ def build_trainer(config, callbacks=None, trainer_cls=None):
 
 
 def resume_point(config) -> str | None:
-    from stepdpo.train.checkpoint import find_resume_checkpoint
+    """The checkpoint to resume from (checked against this run's model and data), or None."""
+    from stepdpo.errors import OptionsError
+    from stepdpo.train.checkpoint import check_fingerprint, find_resume_checkpoint
 
     if config.resume == "never":
         return None
     if config.resume != "auto":
         if not Path(config.resume).is_dir():
-            raise SystemExit(f"--resume {config.resume}: no such checkpoint directory")
+            raise OptionsError(f"--resume {config.resume}: no such checkpoint directory")
+        check_fingerprint(config, config.resume)
         return config.resume
     found = find_resume_checkpoint(config.output_dir)
-    return str(found) if found else None
+    if found is None:
+        partial = sorted(Path(config.output_dir).glob("checkpoint-*")) if Path(config.output_dir).is_dir() else []
+        if partial:
+            logger.warning("%s has %d checkpoint(s) but none is complete (a save was interrupted); starting from "
+                           "step 0", config.output_dir, len(partial))
+        return None
+    check_fingerprint(config, found)
+    return str(found)
 
 
 def train(config, trainer_cls=None) -> dict:
@@ -88,8 +103,8 @@ def train(config, trainer_cls=None) -> dict:
     from stepdpo.train.trainer import install_preemption_signal
 
     install_preemption_signal()
+    resume = resume_point(config)  # before any model loads: a checkpoint of another run fails here
     trainer = build_trainer(config, trainer_cls=trainer_cls)
-    resume = resume_point(config)
     if resume and trainer.is_world_process_zero():
         logger.warning("resuming from %s", resume)
     start = time.time()

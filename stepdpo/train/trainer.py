@@ -45,6 +45,10 @@ class NonFiniteError(StepdpoError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
+class PairsDoNotFit(StepdpoError, ValueError):
+    """No pair fits max_length even without its prefix steps."""
+
+
 class StepRewardsMissing(StepdpoError, ValueError):
     """A step-reward loss was asked for on pairs that have no step rewards."""
 
@@ -137,11 +141,6 @@ class _Guard(TrainerCallback):
             control.should_training_stop = True
         return control
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_run_config(args, ckpt)
-            mark_complete(ckpt)
 
 
 class StepProgress(ProgressCallback):
@@ -225,6 +224,27 @@ class StepwiseDPOTrainer(DPOTrainer):
             self.remove_callback(ProgressCallback)
             self.add_callback(StepProgress)
 
+    def _save_checkpoint(self, model, trial):
+        """transformers deletes old checkpoints (save_total_limit) at the end of its save, before any callback
+        could mark the new one complete: a kill in between left no complete checkpoint at all. Here the new
+        checkpoint gets its config, fingerprint and COMPLETED marker first, once every rank has written its part,
+        and only then are old checkpoints rotated, among complete ones."""
+        from stepdpo.train.checkpoint import rotate_complete_checkpoints, save_fingerprint
+
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            save_run_config(self.args, ckpt)
+            save_fingerprint(self.args, ckpt)
+            mark_complete(ckpt)
+            rotate_complete_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint)
+
     def _guard_backward(self):
         """Decide before backward, on every rank together, whether this step's loss is usable. Under DeepSpeed
         the optimizer step runs inside the backward call (accelerate's DeepSpeedEngineWrapper.backward calls
@@ -305,7 +325,8 @@ class StepwiseDPOTrainer(DPOTrainer):
         if stats["too_long_dropped"]:
             tokenized = tokenized.filter(lambda e: e["dropped_prefix_steps"] >= 0)
             if len(tokenized) == 0:
-                raise ValueError(f"{dataset_name}: no pair fits max_length={args.max_length}")
+                raise PairsDoNotFit(f"{dataset_name}: no pair fits max_length={args.max_length}, even without its "
+                                    "prefix steps (a step is never cut); raise --max_length")
         return tokenized.remove_columns(["dropped_prefix_steps"])
 
     def _prepare_text_dataset(self, dataset, args, dataset_name):

@@ -116,3 +116,63 @@ def test_inspect_shows_step_dpos_exact_text_with_a_chat_model(tiny_mistral, tmp_
     trainer = build_trainer(parse("train", ["--config", str(recipe)])[0])
     ds = {tuple(r["prompt_ids"] + r["chosen_ids"]) for r in trainer.train_dataset}
     assert {tuple(s["ids"]["prompt"] + s["ids"]["chosen"]) for s in shown} == ds
+
+
+@pytest.fixture(scope="module")
+def broken_inputs(tmp_path_factory, tiny_mistral, synth_pairs):
+    d = tmp_path_factory.mktemp("broken")
+    lines = (synth_pairs / "train" / "pairs.jsonl").read_text().splitlines()
+    (d / "malformed.jsonl").write_text(lines[0] + "\n" + '{"id": "x", "kind": "step"}\n')
+    (d / "empty.jsonl").write_text("")
+    adapter = d / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(d / "gone"),
+                                                             "peft_type": "LORA"}))
+    (d / "a_file").write_text("not a directory")
+    (d / "steps.jsonl").write_text(json.dumps({"prompt": "Q", "chosen": ["a"], "rejected": ["b"]}) + "\n")
+    return d
+
+
+def _one_line_cases(d, model, pairs):
+    train = ["train", "--model_name_or_path", model, "--output_dir", d / "run", "--use_cpu", "true", "--report_to",
+             "none", "--train_pairs"]
+    return {
+        "train: malformed pair line": (train + [d / "malformed.jsonl"], "malformed.jsonl:2"),
+        "score: malformed pair line": (["score", "--pairs", d / "malformed.jsonl", "--model", model, "--out", d / "s"],
+                                       "malformed.jsonl:2"),
+        "eval: malformed pair line": (["eval", "--pairs", d / "malformed.jsonl", "--model", model, "--out", d / "e"],
+                                      "malformed.jsonl:2"),
+        "train: max_length below every pair": (train + [pairs, "--max_length", "4"], "raise --max_length"),
+        "train: step loss on unscored pairs": (train + [pairs, "--step_loss", "seed"], "stepdpo score"),
+        "train: empty pairs file": (train + [d / "empty.jsonl"], "holds no pairs"),
+        "prepare: unwritable output": (["prepare", "--input", d / "steps.jsonl", "--format", "steps", "--out",
+                                        d / "a_file" / "o"],
+                                       "a_file"),
+        "eval: missing model": (["eval", "--pairs", pairs, "--model", d / "nope", "--out", d / "e2"], "no such model"),
+        "eval: adapter base missing": (["eval", "--pairs", pairs, "--model", d / "adapter", "--out", d / "e3"],
+                                       "base model"),
+        "score: local model missing, offline": (["score", "--pairs", pairs, "--model", d / "nope", "--out", d / "s2"],
+                                                "cannot load its tokenizer"),
+    }
+
+
+@pytest.mark.parametrize("case", ["train: malformed pair line", "score: malformed pair line", "eval: malformed pair line",
+                                  "train: max_length below every pair", "train: step loss on unscored pairs",
+                                  "train: empty pairs file", "prepare: unwritable output", "eval: missing model",
+                                  "eval: adapter base missing", "score: local model missing, offline"])
+def test_one_line_errors_instead_of_tracebacks(case, broken_inputs, tiny_mistral, synth_pairs):
+    args, words = _one_line_cases(broken_inputs, tiny_mistral, synth_pairs / "test" / "pairs.jsonl")[case]
+    res = run(*args, check=False)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and words in res.stderr, res.stderr[-3000:]
+    assert err[-1].startswith("stepdpo ") and ": error:" in err[-1]
+    debug = run(*args, "--debug", check=False)
+    assert "Traceback" in debug.stderr
+
+
+def test_train_sh_rejects_zero_processes():
+    res = subprocess.run(["bash", "launch/train.sh", "--mode", "cpu-ddp", "--procs", "0", "--config",
+                          "configs/recipes/tiny/mistral_cpu.yaml"], capture_output=True, text=True,
+                         cwd=__import__("tests.conftest", fromlist=["REPO"]).REPO)
+    assert res.returncode == 2 and "--procs must be a positive integer" in res.stderr

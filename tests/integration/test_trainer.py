@@ -313,3 +313,45 @@ def test_full_finetuning_reference_comes_from_the_pinned_revision(tiny_mistral, 
         assert torch.equal(p, ref[name]), name
     trainer.train()
     assert losses(trainer.state.log_history)[0] == pytest.approx(LN2, abs=1e-6)
+
+
+def test_a_crash_while_saving_keeps_the_last_complete_checkpoint(tiny_mistral, synth_pairs, tmp_path, monkeypatch):
+    """save_total_limit 1: the old checkpoint is deleted only after the new one is complete."""
+    from stepdpo.train import trainer as trainer_mod
+    from stepdpo.train.checkpoint import complete_checkpoints
+
+    real = trainer_mod.mark_complete
+    calls = []
+
+    def killed_on_second_save(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while checkpoint-4 is being finished
+        real(path)
+
+    monkeypatch.setattr(trainer_mod, "mark_complete", killed_on_second_save)
+    cfg = config(tmp_path, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", max_steps=6, save_strategy="steps",
+                 save_steps=2, save_total_limit=1, resume="auto")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert [p.name for p in complete_checkpoints(cfg.output_dir)] == ["checkpoint-2"]
+    monkeypatch.setattr(trainer_mod, "mark_complete", real)
+    summary = train(cfg)  # the re-run resumes from it, not from step 0
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 6
+    assert [p.name for p in complete_checkpoints(cfg.output_dir)] == ["checkpoint-6"]
+    assert not (Path(cfg.output_dir) / "checkpoint-4").exists()  # the interrupted one was cleared away
+
+
+@pytest.mark.parametrize("other", ["weights", "architecture"])
+def test_resume_refuses_a_checkpoint_of_another_model(other, tiny_mistral, tiny_t5, synth_pairs, tmp_path):
+    from stepdpo.errors import OptionsError
+    from stepdpo.tiny import build_tiny_model
+
+    pairs = synth_pairs / "train" / "pairs.jsonl"
+    train(config(tmp_path, tiny_mistral, pairs, max_steps=2, save_strategy="steps", save_steps=2, resume="auto"))
+    swapped = build_tiny_model("mistral", tmp_path / "other", seed=7) if other == "weights" else tiny_t5
+    with pytest.raises(OptionsError, match=r"checkpoint-2 belongs to another run: model .*--resume never"):
+        train(config(tmp_path, swapped, pairs, max_steps=4, save_strategy="steps", save_steps=2, resume="auto"))
+    # told to, it starts over
+    summary = train(config(tmp_path, swapped, pairs, max_steps=2, save_strategy="no", resume="never"))
+    assert summary["resumed_from"] is None and summary["global_step"] == 2

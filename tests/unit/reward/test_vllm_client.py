@@ -50,7 +50,7 @@ def _serve(script: Script):
                 return
             status, body = answer
             if body is None and payload is not None:
-                body = completions_body(payload)
+                body = getattr(script, "body", completions_body)(payload)
             raw = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
             self.send_response(status)
             self.send_header("Content-Length", str(len(raw)))
