@@ -15,7 +15,8 @@
 #   --main-port P        rendezvous port (MAIN_PORT; default 29500)
 #   --hf-token-file F    file with a Hugging Face token (else HF_TOKEN, else the standard token file)
 #   --no-preflight       skip the hub preflight (e.g. a local model directory known to exist)
-#   --entry MODULE       the Python module each process runs (default stepdpo.train.run)
+#   --stage S            train (stepwise DPO, default) or sft (supervised fine-tuning, stepdpo.train.sft)
+#   --entry MODULE       the Python module each process runs (default: the stage's)
 #   --dry-run            print the accelerate command and exit
 # Examples:
 #   launch/train.sh --mode cpu-zero3 --config configs/recipes/tiny/mistral_qlora_zero3_cpu.yaml
@@ -39,6 +40,8 @@ while [[ $# -gt 0 ]]; do
     --main-port) PORT=$2; shift 2;;
     --hf-token-file) TOKEN_FILE=$2; shift 2;;
     --no-preflight) PREFLIGHT=0; shift;;
+    --stage) case "$2" in train) ENTRY=stepdpo.train.run;; sft) ENTRY=stepdpo.train.sft;;
+               *) echo "train.sh: --stage must be train or sft" >&2; exit 2;; esac; shift 2;;
     --entry) ENTRY=$2; shift 2;;
     --dry-run) DRY=1; shift;;
     -h|--help) usage; exit 0;;

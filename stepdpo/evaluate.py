@@ -56,6 +56,11 @@ class EvalOptions:
     instruction: str | None = opt(None, "As in training (default: the run's, else Step-DPO's instruction).")
     batch_size: int = opt(32, "Pairs per forward pass.")
     hf_token_file: str | None = opt(None, "File holding a Hugging Face token (gated base models).")
+    answers: str | None = opt(None, "A problem file with reference answers (MATH, GSM8K, PRM800K): also generate + "
+                              "grade, and report answer accuracy before (the reference) and after (the policy).")
+    answer_samples: int = opt(1, "--answers: samples per problem (maj@k and pass@k for k > 1).")
+    answer_temperature: float = opt(0.0, "--answers: sampling temperature (0 = greedy).")
+    answer_max_new_tokens: int = opt(256, "--answers: most tokens per solution.")
     allow_empty: bool = opt(False, "Succeed even when no pair is evaluated (otherwise that is an error).")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -209,22 +214,51 @@ def eval_settings(options: EvalOptions, run_cfg: dict | None) -> dict:
 def evaluate(model_path: str, pairs: list[dict], ref_model_path: str | None = None, *, beta: float = DEFAULT_BETA,
              batch_size: int = 32, max_length: int | None = None, append_eos: bool = False,
              progress: bool = True, token: str | None = None, run_cfg: dict | None = None,
-             settings: dict | None = None) -> dict:
+             settings: dict | None = None, answers: dict | None = None) -> dict:
+    """Pair metrics of the policy (and its reference); with `answers` ({problems, out, n, max_new_tokens,
+    temperature}) also answer accuracy before (the reference) and after (the policy), from the same loaded models."""
     model, tokenizer = load_for_eval(model_path, token, run_cfg)
     kw = dict(batch_size=batch_size, max_length=max_length, append_eos=append_eos, progress=progress,
               settings=settings)
     c, r, kept = completion_logps(model, tokenizer, pairs, desc="policy", **kw)
     c0 = r0 = None
+    accuracy = {}
+    if answers:
+        accuracy["after"] = answer_accuracy(model_path, model, answers, settings or {}, "after", progress)
     if hasattr(model, "disable_adapter") and ref_model_path is None:
         with model.disable_adapter():  # the base as trained is the reference: no second copy
             c0, r0, _ = completion_logps(model, tokenizer, pairs, desc="reference (adapter off)", **kw)
+            if answers:
+                accuracy["before"] = answer_accuracy(model_path, model, answers, settings or {}, "before", progress)
     elif ref_model_path:
         ref, _ = load_for_eval(ref_model_path, token)
         c0, r0, _ = completion_logps(ref, tokenizer, pairs, desc="reference", **kw)
+        if answers:
+            accuracy["before"] = answer_accuracy(ref_model_path, ref, answers, settings or {}, "before", progress)
     metrics = pair_metrics(pairs, c, r, kept, c0, r0, beta=beta)
     metrics["model"] = str(model_path)
     metrics["reference"] = ref_model_path or ("adapter disabled" if c0 is not None else None)
+    if answers:
+        metrics["answer_accuracy"] = {
+            "before": accuracy.get("before", {}).get("accuracy"), "after": accuracy["after"]["accuracy"],
+            "problems": accuracy["after"]["problems"], "details": accuracy}
     return metrics
+
+
+def answer_accuracy(model_name: str, model, answers: dict, settings: dict, label: str, progress: bool) -> dict:
+    """generate + grade with an already loaded model; the samples and grades stay in OUT/answers_<label>/."""
+    from stepdpo.generate.generate import GenerateOptions, generate
+    from stepdpo.generate.grade import GradeOptions, grade
+
+    out = Path(answers["out"]) / f"answers_{label}"
+    generate(GenerateOptions(problems=answers["problems"], model=model_name, out=str(out), n=answers["n"],
+                             temperature=answers["temperature"], max_new_tokens=answers["max_new_tokens"],
+                             chat_template=settings.get("chat_template") or "auto",
+                             system_prompt=settings.get("system_prompt"),
+                             instruction=settings.get("instruction") or DEFAULT_INSTRUCTION, progress=progress),
+             model=model)
+    report = grade(GradeOptions(problems=answers["problems"], samples=str(out), out=str(out / "graded")))
+    return {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
 
 
 def run_eval(options: EvalOptions) -> dict:
@@ -251,7 +285,10 @@ def run_eval(options: EvalOptions) -> dict:
         metrics = evaluate(model, pairs, ref_model, beta=settings["beta"], batch_size=options.batch_size,
                            max_length=settings["max_length"], append_eos=settings["append_eos"],
                            progress=options.progress, token=resolve_token(options.hf_token_file).value,
-                           run_cfg=run_cfg, settings=settings)
+                           run_cfg=run_cfg, settings=settings,
+                           answers={"problems": options.answers, "out": str(out), "n": options.answer_samples,
+                                    "temperature": options.answer_temperature,
+                                    "max_new_tokens": options.answer_max_new_tokens} if options.answers else None)
         if metrics.get("pairs", 0) == 0 and not options.allow_empty:
             raise EvalError(f"--pairs {options.pairs}: no pair was evaluated ({len(pairs)} read, "
                             f"{metrics.get('skipped_too_long', 0)} longer than max_length={settings['max_length']}); "

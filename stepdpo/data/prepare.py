@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stepdpo.data.formats import CONVERTERS
+from stepdpo.data.jsonio import LAYOUT_HINT, Unparsable, records
 from stepdpo.data.jsonio import loads as fast_loads
 from stepdpo.data.pairs import pair_id, to_json_line, write_lines
 from stepdpo.data.prm800k import NEUTRAL_POLICIES, RecordError, solution_pairs, walk_record
@@ -74,84 +75,6 @@ class _Run:
     layouts: dict = field(default_factory=dict)
 
 
-_LAYOUT_HINT = ("stepdpo prepare reads JSON Lines (one object per line), a JSON array of objects, or a stream of "
-                "concatenated (e.g. pretty-printed) JSON objects")
-
-
-def _rows(path: Path, layout: dict):
-    """(line, raw bytes or parsed row, is_text) for every record of the file, whatever its layout:
-
-    * JSON Lines: each line as bytes (parsed by the caller: a bad line is one rejected line);
-    * a JSON array, or concatenated JSON objects (pretty-printed samples of PRM800K are shipped that way):
-      each value parsed here; `line` is the line where the value starts. A value that does not parse is
-      one rejected record, and reading resumes at the next line that starts an object.
-    `layout["name"]` says which layout was found."""
-    with path.open("rb") as f:
-        head = f.read(1 << 16)
-    text_head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    first_line = text_head.split(b"\n", 1)[0].strip()
-    # A JSON array starts with "["; a pretty-printed object stream with a line that is only "{". Anything else
-    # is JSON Lines, where a line that does not parse (invalid UTF-8 included) is one rejected line.
-    whole = text_head.startswith(b"[") or first_line == b"{"
-    if not whole:
-        layout["name"] = "jsonl"
-        with path.open("rb") as f:  # bytes: a line with invalid UTF-8 is one rejected line, not a crash
-            for lineno, line in enumerate(f, 1):
-                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
-                yield lineno, line, True
-        return
-    text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
-    layout["name"] = "json-array" if text.lstrip().startswith("[") else "concatenated-json"
-    yield from _values(text, array=layout["name"] == "json-array")
-
-
-_DECODER = json.JSONDecoder()
-
-
-def _values(text: str, array: bool):
-    """Values of a JSON array or of concatenated JSON values, with the line each starts on."""
-    import bisect
-    import re
-
-    newlines = [m.start() for m in re.finditer("\n", text)]
-
-    def line_of(pos: int) -> int:
-        return bisect.bisect_left(newlines, pos) + 1
-
-    ws = re.compile(r"[ \t\r\n]*")
-    pos = ws.match(text, 0).end()
-    if array:
-        pos = ws.match(text, pos + 1).end()  # past "["
-    while pos < len(text):
-        if array and text[pos] == "]":
-            return
-        start = pos
-        try:
-            value, pos = _DECODER.raw_decode(text, pos)
-        except (json.JSONDecodeError, RecursionError) as e:
-            detail = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else \
-                "nested too deeply to parse"
-            yield line_of(start), _Unparsable(detail), False
-            # resume at the next line that starts a new object (pretty-printed values start at column 0)
-            nxt = re.compile(r"\n[\[{]").search(text, start + 1)
-            if nxt is None:
-                return
-            pos = nxt.start() + 1
-            continue
-        yield line_of(start), value, False
-        pos = ws.match(text, pos).end()
-        if array and pos < len(text) and text[pos] == ",":
-            pos = ws.match(text, pos + 1).end()
-
-
-class _Unparsable:
-    """A value of a whole-file layout that is not valid JSON (rejected like an invalid JSON line)."""
-
-    def __init__(self, detail: str):
-        self.detail = detail
-
-
 def _add_pair(run: _Run, kind, problem, prefix, chosen, rejected, source) -> None:
     key = (problem, tuple(prefix), tuple(chosen), tuple(rejected))
     existing = run.pairs.get(key)
@@ -197,10 +120,10 @@ def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
     lines_read = records_used = without_pairs = pairs_generated = identical = duplicates = 0
     layout: dict = {}
     index = None
-    for line, raw, is_text in _rows(path, layout):
+    for line, raw, is_text in records(path, layout):
         if not is_text:
             index = (index or 0) + 1
-        if raw.__class__ is _Unparsable:
+        if raw.__class__ is Unparsable:
             lines_read += 1
             _reject(run, opts, file, line, "invalid_json", raw.detail, index=index)
             continue
@@ -268,7 +191,7 @@ def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
     if lines_read and records_used == 0 and lines_read == sum(
             1 for r in run.rejects if r["file"] == file and r["reason"] == "invalid_json"):
         raise PrepareError(f"--input {path}: no record parsed as JSON ({lines_read} tried as "
-                           f"{run.layouts[file]}). {_LAYOUT_HINT}; see the first errors with --strict.")
+                           f"{run.layouts[file]}). {LAYOUT_HINT}; see the first errors with --strict.")
     c = run.counts
     c["lines_read"] += lines_read
     c["records_used"] += records_used

@@ -45,21 +45,84 @@ class SynthConfig:
             check(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
 
 
+SYNTH_KINDS = ("prm800k", "problems")
+
+
 @dataclass(frozen=True)
 class SynthOptions(SynthConfig):
     out: str = opt(None, "Output .jsonl file (required).")
+    kind: str = opt("prm800k", "prm800k: step-labelled records (for prepare); problems: problems with their answer "
+                    "and correct step-by-step solution (for generate, grade, sft and mine).", choices=SYNTH_KINDS)
 
     def __post_init__(self):
         check(bool(self.out), "out", "is required: the .jsonl file to write")
+        check(self.kind in SYNTH_KINDS, "kind", f"choose one of {', '.join(SYNTH_KINDS)}")
         super().__post_init__()
 
 
 def synth(options: SynthOptions) -> int:
-    """Write PRM800K-format jsonl: phase-1 records (alternatives at every step) and phase-2 records (one
-    solution, labelled until its first error). Wrong steps differ from correct ones only in the arithmetic."""
-    n = write_synthetic(options.out, options)
-    print(f"{n} PRM800K-format records written to {options.out}")
+    """Write generated arithmetic data: PRM800K-format records (phase-1 alternatives at every step, phase-2
+    solutions labelled until their first error; wrong steps differ from correct ones only in the arithmetic), or
+    problems with answers and correct step-by-step solutions."""
+    if options.kind == "problems":
+        n = write_problems(options.out, options)
+        print(f"{n} problems with answers and step-by-step solutions written to {options.out}")
+    else:
+        n = write_synthetic(options.out, options)
+        print(f"{n} PRM800K-format records written to {options.out}")
     return n
+
+
+ANSWER_STEP = "The answer is {answer}."
+
+
+def generate_problems(cfg: SynthConfig) -> Iterator[dict]:
+    """Problems in MATH's layout (`problem`, `answer`, `solution`) plus `steps`: the correct computation steps
+    and a final "The answer is N." step, the step-by-step format `sft` teaches and `grade` reads."""
+    rng = random.Random(cfg.seed)
+    seen = set()
+    # Answers are spread evenly over 0..max_value: the chain of operations drifts towards small values, and a
+    # model must not score by always answering 0.
+    per_answer = -(-cfg.problems // (cfg.max_value + 1)) + 1
+    counts: dict[int, int] = {}
+    tries = 0
+    while len(seen) < cfg.problems:
+        tries += 1
+        start, ops, value = _draw(rng, cfg)
+        problem = _problem_text(start, ops)
+        if problem in seen or (counts.get(value, 0) >= per_answer and tries < 1000 * cfg.problems):
+            continue
+        seen.add(problem)
+        counts[value] = counts.get(value, 0) + 1
+        steps, v = [], start
+        for op, b in ops:
+            result = _apply(op, v, b)
+            steps.append(_step(v, op, b, result))
+            v = result
+        steps.append(ANSWER_STEP.format(answer=value))
+        yield {"id": f"synth-{cfg.seed}-{len(seen) - 1}", "problem": problem, "answer": str(value),
+               "solution": "\n".join(steps[:-1]) + f"\nThe answer is $\\boxed{{{value}}}$.", "steps": steps}
+
+
+def write_problems(path: str | Path, cfg: SynthConfig) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for row in generate_problems(cfg):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def _draw(rng: random.Random, cfg: SynthConfig) -> tuple[int, list[tuple[str, int]], int]:
+    start = rng.randint(1, cfg.max_value)
+    value, ops = start, []
+    for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
+        op, b = _choose_op(rng, value, cfg.max_value)
+        ops.append((op, b))
+        value = _apply(op, value, b)
+    return start, ops, value
 
 
 _OPS = {"add": ("+", "add"), "subtract": ("-", "subtract"), "multiply": ("*", "multiply by")}
@@ -198,12 +261,7 @@ def _phase2_steps(rng: random.Random, solution) -> tuple[list[dict], list[str], 
 def generate_records(cfg: SynthConfig) -> Iterator[dict]:
     rng = random.Random(cfg.seed)
     for _ in range(cfg.problems):
-        start = rng.randint(1, cfg.max_value)
-        value, ops = start, []
-        for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
-            op, b = _choose_op(rng, value, cfg.max_value)
-            ops.append((op, b))
-            value = _apply(op, value, b)
+        start, ops, value = _draw(rng, cfg)
         solution = _solution(rng, start, ops, cfg.max_value)
         problem = _problem_text(start, ops)
         phase2 = rng.random() < cfg.phase2_fraction

@@ -232,6 +232,35 @@ class VLLMClient:
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise MalformedResponse(f"{url}/v1/completions: unexpected answer shape ({type(e).__name__}: {e})") from None
 
+    def complete(self, url: str, prompts: list[list[int]], *, n: int = 1, max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None) -> list[list[dict]]:
+        """Generation: for each token-id prompt, `n` samples {text, token_ids, finish_reason}. vLLM numbers the
+        choices prompt by prompt (index = prompt * n + sample)."""
+        payload = {"model": self.model, "prompt": prompts, "n": n, "max_tokens": max_tokens,
+                   "temperature": temperature, "top_p": top_p, "return_token_ids": True}
+        if seed is not None:
+            payload["seed"] = seed
+        if stop:
+            payload["stop"] = list(stop)
+        data = self.post(url, "/v1/completions", payload)
+        try:
+            choices = sorted(data["choices"], key=lambda c: c["index"])
+            if len(choices) != len(prompts) * n:
+                raise MalformedResponse(f"{url}: {len(choices)} choices for {len(prompts)} prompts x n={n}")
+            out = []
+            for i in range(len(prompts)):
+                row = []
+                for c in choices[i * n:(i + 1) * n]:
+                    if not isinstance(c["text"], str) or not isinstance(c.get("token_ids"), list):
+                        raise TypeError("text/token_ids")
+                    row.append({"text": c["text"], "token_ids": [int(t) for t in c["token_ids"]],
+                                "finish_reason": c.get("finish_reason")})
+                out.append(row)
+            return out
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise MalformedResponse(f"{url}/v1/completions: unexpected answer shape ({type(e).__name__}: {e})") from None
+
     def step_pooling(self, url: str, prompts: list[list[int]]) -> list[list[list[float]]]:
         """Per prompt, the raw 2-way logits at each step tag.
 

@@ -110,7 +110,7 @@ def run_fingerprint(args) -> dict:
     from stepdpo.identity import file_fingerprint, model_identity
 
     data = {}
-    for key in ("train_pairs", "eval_pairs"):
+    for key in ("train_pairs", "eval_pairs", "train_data", "eval_data"):
         value = getattr(args, key, None)
         if value:
             path = Path(value)
@@ -148,3 +148,25 @@ def check_fingerprint(args, checkpoint: str | Path) -> None:
             "--resume never to start over in this output_dir (its checkpoints will be overwritten), or choose a new "
             "--output_dir."
         )
+
+
+class CompleteCheckpointsMixin:
+    """For a transformers Trainer subclass. transformers deletes old checkpoints (save_total_limit) at the end of
+    its save, before any callback could mark the new one complete: a kill in between left no complete
+    checkpoint at all. Here the new checkpoint gets its config, fingerprint and COMPLETED marker first, once
+    every rank has written its part, and only then are old checkpoints rotated, among complete ones."""
+
+    def _save_checkpoint(self, model, trial):
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            save_run_config(self.args, ckpt)
+            save_fingerprint(self.args, ckpt)
+            mark_complete(ckpt)
+            rotate_complete_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint)

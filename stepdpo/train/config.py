@@ -28,55 +28,15 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class StepwiseDPOConfig(DPOConfig):
-    # ---- what to train on
+class ModelArgs:
+    """The model, how to load it, how to render prompts for it, and how a run resumes: shared by the stepwise DPO
+    and the SFT configs (trl.ModelConfig names). A mixin: each config validates it in its __post_init__."""
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Policy model: a local directory or a hub id (e.g. mistralai/Mistral-7B-v0.1, google/flan-t5-small)."},
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
-    train_pairs: str | None = field(
-        default=None, metadata={"help": "pairs.jsonl from `stepdpo prepare` (scored by `stepdpo score` for step-reward losses)."}
-    )
-    eval_pairs: str | None = field(default=None, metadata={"help": "Held-out pairs.jsonl evaluated every eval_steps."})
-    max_train_pairs: int | None = field(default=None, metadata={"help": "Use only the first N training pairs (smoke runs)."})
-
-    # ---- the stepwise loss
-    step_loss: str = field(
-        default="dpo",
-        metadata={
-            "help": "dpo: TRL's DPO loss (loss_type) on step pairs (Step-DPO). step_weighted: each pair's DPO loss "
-            "weighted by w(step-reward gap). step_margin: the gap as a margin inside the sigmoid. seed: "
-            "-log sigmoid(dr * (log p(chosen) - log p(rejected))), reference-free.",
-            "choices": list(STEP_LOSSES),
-        },
-    )
-    step_reward_gamma: float = field(default=1.0, metadata={"help": "gamma: scale of the step-reward gap in the weight or margin."})
-    step_weight_fn: str = field(
-        default="sigmoid",
-        metadata={"help": "step_weighted: w = 2*sigmoid(gamma*dr) (sigmoid) or max(gamma*dr, 0) (linear).", "choices": list(WEIGHT_FNS)},
-    )
-    chat_template: str = field(
-        default="auto",
-        metadata={"help": "auto: render the problem through the tokenizer's chat template when it has one (instruct "
-                  "models), else as plain text (base models); always; never. Steps follow the rendered prompt as they "
-                  "are, never closed by an end-of-turn token.", "choices": ["auto", "always", "never"]},
-    )
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "Chat template: the system message (default: the template's own)."}
-    )
-    instruction: str = field(
-        default=DEFAULT_INSTRUCTION,
-        metadata={"help": "Chat template: the instruction after the problem in the user turn (Step-DPO's); empty for none."},
-    )
-    append_eos: bool = field(
-        default=False,
-        metadata={"help": "Append EOS after the chosen/rejected step. Off by default: a step is not the end of an answer."},
-    )
-    max_nonfinite_steps: int = field(
-        default=3, metadata={"help": "Abort after this many optimizer steps in a row with a non-finite loss or gradient."}
-    )
-
     # ---- model loading (trl.ModelConfig names; see stepdpo/train/modeling.py)
     dtype: str = field(
         default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16.", "choices": list(DTYPE_CHOICES)}
@@ -116,22 +76,25 @@ class StepwiseDPOConfig(DPOConfig):
         metadata={"help": "When this file appears (SLURM pre-emption), every rank saves a checkpoint together and stops."},
     )
 
-    def __post_init__(self):
-        if self.step_loss not in STEP_LOSSES:
-            raise OptionsError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
-        if self.step_weight_fn not in WEIGHT_FNS:
-            raise OptionsError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
+    chat_template: str = field(
+        default="auto",
+        metadata={"help": "auto: render the problem through the tokenizer's chat template when it has one (instruct "
+                  "models), else as plain text (base models); always; never. Steps follow the rendered prompt as they "
+                  "are, never closed by an end-of-turn token.", "choices": ["auto", "always", "never"]},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Chat template: the system message (default: the template's own)."}
+    )
+    instruction: str = field(
+        default=DEFAULT_INSTRUCTION,
+        metadata={"help": "Chat template: the instruction after the problem in the user turn (Step-DPO's); empty for none."},
+    )
+
+    def _check_model_args(self):
         if self.chat_template not in CHAT_MODES:
             raise OptionsError(f"chat_template={self.chat_template!r}: choose one of {', '.join(CHAT_MODES)}")
         if self.dtype not in DTYPE_CHOICES:
             raise OptionsError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
-        if self.step_loss != "dpo":
-            ignored = [f"{k}={getattr(self, k)!r}" for k, default in _TRL_LOSS_OPTIONS.items() if getattr(self, k) != default]
-            if ignored:
-                raise OptionsError(
-                    f"step_loss={self.step_loss} computes its own loss and would ignore {', '.join(ignored)}: remove "
-                    "them, or use step_loss=dpo to train with TRL's loss_type options."
-                )
         if isinstance(self.lora_target_modules, str):  # a YAML scalar or "q_proj,v_proj"
             self.lora_target_modules = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
         if self.load_in_4bit:
@@ -140,6 +103,53 @@ class StepwiseDPOConfig(DPOConfig):
             # TRL turns bf16 autocast on by default, even on CPU. On CPU stepdpo trains in fp32 unless
             # asked: exact, reproducible (resume == uninterrupted run) and no slower at tiny sizes.
             self.bf16 = False
+
+
+@dataclass
+class StepwiseDPOConfig(ModelArgs, DPOConfig):
+    # ---- what to train on
+    train_pairs: str | None = field(
+        default=None, metadata={"help": "pairs.jsonl from `stepdpo prepare` (scored by `stepdpo score` for step-reward losses)."}
+    )
+    eval_pairs: str | None = field(default=None, metadata={"help": "Held-out pairs.jsonl evaluated every eval_steps."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use only the first N training pairs (smoke runs)."})
+
+    # ---- the stepwise loss
+    step_loss: str = field(
+        default="dpo",
+        metadata={
+            "help": "dpo: TRL's DPO loss (loss_type) on step pairs (Step-DPO). step_weighted: each pair's DPO loss "
+            "weighted by w(step-reward gap). step_margin: the gap as a margin inside the sigmoid. seed: "
+            "-log sigmoid(dr * (log p(chosen) - log p(rejected))), reference-free.",
+            "choices": list(STEP_LOSSES),
+        },
+    )
+    step_reward_gamma: float = field(default=1.0, metadata={"help": "gamma: scale of the step-reward gap in the weight or margin."})
+    step_weight_fn: str = field(
+        default="sigmoid",
+        metadata={"help": "step_weighted: w = 2*sigmoid(gamma*dr) (sigmoid) or max(gamma*dr, 0) (linear).", "choices": list(WEIGHT_FNS)},
+    )
+    append_eos: bool = field(
+        default=False,
+        metadata={"help": "Append EOS after the chosen/rejected step. Off by default: a step is not the end of an answer."},
+    )
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Abort after this many optimizer steps in a row with a non-finite loss or gradient."}
+    )
+
+    def __post_init__(self):
+        if self.step_loss not in STEP_LOSSES:
+            raise OptionsError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
+        if self.step_weight_fn not in WEIGHT_FNS:
+            raise OptionsError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
+        if self.step_loss != "dpo":
+            ignored = [f"{k}={getattr(self, k)!r}" for k, default in _TRL_LOSS_OPTIONS.items() if getattr(self, k) != default]
+            if ignored:
+                raise OptionsError(
+                    f"step_loss={self.step_loss} computes its own loss and would ignore {', '.join(ignored)}: remove "
+                    "them, or use step_loss=dpo to train with TRL's loss_type options."
+                )
+        self._check_model_args()
         super().__post_init__()
 
 

@@ -29,7 +29,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from stepdpo.errors import StepdpoError
 from stepdpo.train import losses
-from stepdpo.train.checkpoint import mark_complete, save_run_config
+from stepdpo.train.checkpoint import CompleteCheckpointsMixin
 from stepdpo.train.logps import sequence_logps
 from stepdpo.train.modeling import disable_dropout
 from stepdpo.train.seq2seq import add_seq2seq_fused_head, is_encoder_decoder
@@ -148,6 +148,7 @@ class StepProgress(ProgressCallback):
     on the bar instead of printing every log dict as a line."""
 
     _SHOW = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+             ("mean_token_accuracy", "token_acc"),
              ("eval_loss", "eval_loss"), ("eval_rewards/accuracies", "eval_acc"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -171,7 +172,7 @@ def install_preemption_signal(signum: int = signal.SIGUSR1) -> None:
     signal.signal(signum, handler)
 
 
-class StepwiseDPOTrainer(DPOTrainer):
+class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
     """DPOTrainer for step pairs; `args` is a StepwiseDPOConfig. See the module docstring."""
 
     _tag_names = ["trl", "dpo", "stepdpo"]
@@ -223,27 +224,6 @@ class StepwiseDPOTrainer(DPOTrainer):
         if not args.disable_tqdm:
             self.remove_callback(ProgressCallback)
             self.add_callback(StepProgress)
-
-    def _save_checkpoint(self, model, trial):
-        """transformers deletes old checkpoints (save_total_limit) at the end of its save, before any callback
-        could mark the new one complete: a kill in between left no complete checkpoint at all. Here the new
-        checkpoint gets its config, fingerprint and COMPLETED marker first, once every rank has written its part,
-        and only then are old checkpoints rotated, among complete ones."""
-        from stepdpo.train.checkpoint import rotate_complete_checkpoints, save_fingerprint
-
-        limit = self.args.save_total_limit
-        self.args.save_total_limit = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            save_run_config(self.args, ckpt)
-            save_fingerprint(self.args, ckpt)
-            mark_complete(ckpt)
-            rotate_complete_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint)
 
     def _guard_backward(self):
         """Decide before backward, on every rank together, whether this step's loss is usable. Under DeepSpeed

@@ -102,3 +102,24 @@ def test_a_qlora_adapter_is_evaluated_on_its_4bit_base(tiny_mistral, synth_pairs
     unquantised = with_base(dtype=torch.float32)
     assert got == pytest.approx(as_trained, abs=1e-5)
     assert max(abs(a - b) for a, b in zip(got, unquantised)) > 1e-3  # the difference the wrong base makes
+
+
+def test_eval_reports_answer_accuracy_before_and_after(tiny_mistral, synth_pairs, tmp_path):
+    from stepdpo.data.synthetic import SynthOptions, synth
+
+    synth(SynthOptions(out=str(tmp_path / "p.jsonl"), kind="problems", problems=6, seed=3, max_value=9))
+    run = tmp_path / "run"
+    train(StepwiseDPOConfig(output_dir=str(run), model_name_or_path=str(tiny_mistral), use_peft=True, lora_r=4,
+                            train_pairs=str(synth_pairs / "train" / "pairs.jsonl"), learning_rate=1e-2, max_steps=3,
+                            per_device_train_batch_size=4, save_strategy="no", report_to="none", use_cpu=True,
+                            resume="never", disable_tqdm=True))
+    got = run_eval(EvalOptions(pairs=str(synth_pairs / "test" / "pairs.jsonl"), out=str(tmp_path / "e"),
+                               run_dir=str(run), answers=str(tmp_path / "p.jsonl"), answer_max_new_tokens=8,
+                               progress=False))
+    acc = got["answer_accuracy"]
+    assert acc["problems"] == 6 and 0 <= acc["before"] <= 1 and 0 <= acc["after"] <= 1
+    after = [json.loads(x) for x in (tmp_path / "e" / "answers_after" / "samples.jsonl").read_text().splitlines()]
+    before = [json.loads(x) for x in (tmp_path / "e" / "answers_before" / "samples.jsonl").read_text().splitlines()]
+    assert len(after) == len(before) == 6
+    assert any(a["token_ids"] != b["token_ids"] for a, b in zip(after, before))  # the adapter was on, then off
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["answer_accuracy"]["after"] == acc["after"]

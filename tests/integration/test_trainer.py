@@ -317,7 +317,7 @@ def test_full_finetuning_reference_comes_from_the_pinned_revision(tiny_mistral, 
 
 def test_a_crash_while_saving_keeps_the_last_complete_checkpoint(tiny_mistral, synth_pairs, tmp_path, monkeypatch):
     """save_total_limit 1: the old checkpoint is deleted only after the new one is complete."""
-    from stepdpo.train import trainer as trainer_mod
+    from stepdpo.train import checkpoint as trainer_mod  # where the save-and-rotate lives
     from stepdpo.train.checkpoint import complete_checkpoints
 
     real = trainer_mod.mark_complete

@@ -181,3 +181,23 @@ def test_prm_rewards_follow_math_shepherds_definition(servers, hand_pairs, tiny_
     for backend in ("hf", "vllm"):
         for got, want in zip(rewards(tmp_path / backend), expected):
             assert got == pytest.approx(want, abs=1e-5), backend
+
+
+def test_greedy_generation_is_token_identical_on_both_backends(servers, tiny_mistral_v1, tmp_path):
+    """`stepdpo generate` through the scoring client against the judge server (a generative model): greedy
+    samples equal the in-process ones token for token, on Mistral-7B's real tokenizer."""
+    from stepdpo.data.synthetic import SynthOptions, synth
+    from stepdpo.generate.generate import GenerateOptions, generate
+
+    synth(SynthOptions(out=str(tmp_path / "p.jsonl"), kind="problems", problems=10, seed=2, max_value=9))
+    common = dict(problems=str(tmp_path / "p.jsonl"), model=str(tiny_mistral_v1), max_new_tokens=12, batch_size=4,
+                  progress=False)
+    generate(GenerateOptions(out=str(tmp_path / "hf"), **common))
+    report = generate(GenerateOptions(out=str(tmp_path / "vllm"), backend="vllm", url=[servers["judge"].url], **common))
+    hf = [json.loads(x) for x in (tmp_path / "hf" / "samples.jsonl").read_text().splitlines()]
+    vl = [json.loads(x) for x in (tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in hf] == [r["id"] for r in vl] and len(hf) == 10
+    for a, b in zip(hf, vl):
+        assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) > 0, (a["id"], a["text"], b["text"])
+        assert a["finish_reason"] == b["finish_reason"]
+    assert report["backend"] == "vllm" and report["generated"] == 10

@@ -1,0 +1,2 @@
+"""Answers: sampling solutions (`generate`), grading them with math-verify (`grade`), and on-policy step pairs
+(`mine`)."""

@@ -1,0 +1,277 @@
+"""`stepdpo mine`: the policy's own step pairs (Step-DPO's data pipeline, with open parts).
+
+For each problem: sample K solutions, grade them (math-verify); for each wrong one, locate its first wrong step
+* `--locate rollout` (Math-Shepherd's estimate): from the prefix ending at step k, sample M continuations; the
+  first step after which none reaches the right answer is the error;
+* `--locate prm`: a process reward model through the `score` backends (hf or vLLM): the first step whose reward
+  is below `--prm-threshold`;
+then take M continuations from the prefix before that step: those that reach the right answer give the chosen
+steps (their first step), the located step is the rejected one. Pairs are in the one schema, with provenance
+(sample ids, locate method, rollout success rates), deduplicated. Every generation goes through one cache
+(OUT/mine_cache.jsonl), so a killed server or process loses nothing and a re-run continues.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepdpo.data.pairs import DEFAULT_INSTRUCTION, make_pair, prompt_style, write_jsonl
+from stepdpo.errors import StepdpoError
+from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
+from stepdpo.generate.generate import HFGenerator, SampleCache, VLLMGenerator, make_units, run_generation
+from stepdpo.generate.problems import Problem, read_problems
+from stepdpo.options import REQUIRED, check, check_choice, opt
+
+
+class MineError(StepdpoError):
+    pass
+
+
+@dataclass
+class MineOptions:
+    problems: str = opt(REQUIRED, "Training problems with reference answers (never the held-out ones).")
+    model: str = opt(REQUIRED, "The policy (after `sft`): a model directory or hub id.")
+    out: str = opt(REQUIRED, "Output directory: pairs.jsonl, report.json, mine_cache.jsonl.")
+    samples: int = opt(4, "K: solutions sampled per problem.")
+    rollouts: int = opt(4, "M: continuations sampled from a prefix (to locate an error, and to correct it).")
+    locate: str = opt("rollout", "rollout: Math-Shepherd's estimate from continuations; prm: a process reward model.",
+                      choices=("rollout", "prm"))
+    max_wrong: int = opt(2, "Wrong solutions examined per problem.")
+    chosen_min_success: float = opt(0.5, "A chosen step must itself lead to the right answer: M continuations after it "
+                                    "must reach it at least this often (a correct answer reached through a wrong step "
+                                    "by luck is not a chosen step). 0 turns the check off.")
+    temperature: float = opt(0.8, "Sampling temperature (solutions and continuations).")
+    top_p: float = opt(1.0, "Nucleus sampling.")
+    seed: int = opt(0, "Sampling seed.")
+    max_new_tokens: int = opt(128, "Most tokens per solution or continuation.")
+    batch_size: int = opt(32, "Prompts per forward pass / per request.")
+    limit: int | None = opt(None, "Only the first N problems.")
+    backend: str = opt("hf", "Generation: hf (in-process) or vllm (servers at --url).", choices=("hf", "vllm"))
+    url: list[str] = opt(factory=list, help="vLLM server URL(s) serving the policy.")
+    served_model_name: str | None = opt(None, "Model name the vLLM server knows (default: --model).")
+    api_key_env: str = opt("STEPDPO_API_KEY", "Environment variable holding the server API key.")
+    api_key_file: str | None = opt(None, "File holding the server API key.")
+    concurrency: int = opt(4, "Requests in flight per vLLM server.")
+    timeout: float = opt(300.0, "vLLM read timeout in seconds.")
+    health_timeout: float = opt(10.0, "Seconds to wait for /health at start.")
+    reward_model: str | None = opt(None, "--locate prm: the process reward model.")
+    reward_backend: str = opt("hf", "--locate prm: hf or vllm (servers at --reward-url).", choices=("hf", "vllm"))
+    reward_url: list[str] = opt(factory=list, help="--locate prm with the vllm backend: the PRM server URL(s).")
+    prm_threshold: float = opt(0.5, "--locate prm: the first step whose reward is below this is the error.")
+    prm_step_tag: str = opt(" ки", "--locate prm: the PRM's step tag.")
+    prm_head: str = opt("lm", "--locate prm: lm (good/bad token logits) or classifier.", choices=("lm", "classifier"))
+    chat_template: str = opt("auto", "As in training: auto, always or never.", choices=("auto", "always", "never"))
+    system_prompt: str | None = opt(None, "As in training.")
+    instruction: str = opt(DEFAULT_INSTRUCTION, "As in training.")
+    dtype: str = opt("auto", "hf: weights dtype.", choices=("auto", "float32", "bfloat16", "float16"))
+    hf_token_file: str | None = opt(None, "File holding a Hugging Face token.")
+    progress: bool = opt(True, "Show progress bars.")
+
+    def __post_init__(self):
+        check_choice(self.locate, "locate", ("rollout", "prm"))
+        check(self.samples >= 1 and self.rollouts >= 1 and self.max_wrong >= 1, "samples",
+              "samples, rollouts and max_wrong must be >= 1")
+        check(self.backend != "vllm" or bool(self.url), "url", "--backend vllm needs --url")
+        check(self.locate != "prm" or bool(self.reward_model), "reward_model", "--locate prm needs --reward-model")
+        check(self.reward_backend != "vllm" or bool(self.reward_url), "reward_url",
+              "--reward-backend vllm needs --reward-url")
+
+
+class _Sampler:
+    """Draws samples through one generator and one cache; counts the generations spent."""
+
+    def __init__(self, options: MineOptions, model=None):
+        from stepdpo.auth import resolve_token
+        from stepdpo.identity import model_identity
+        from stepdpo.train.modeling import load_tokenizer
+
+        token = resolve_token(options.hf_token_file).value
+        self.tokenizer = load_tokenizer(options.model, None, token)
+        self.style = prompt_style(self.tokenizer, options.chat_template, options.system_prompt, options.instruction)
+        self.settings = {"temperature": options.temperature, "top_p": options.top_p, "seed": options.seed,
+                         "max_new_tokens": options.max_new_tokens, "stop": []}
+        self.identity = json.dumps([model_identity(options.model, token), self.settings, self.style.key()])
+        self.generator = (HFGenerator(options.model, self.tokenizer, token, options.dtype, model=model)
+                          if options.backend == "hf" else VLLMGenerator(options, self.tokenizer))
+        self.cache = SampleCache(Path(options.out) / "mine_cache.jsonl")
+        self.batch_size, self.progress = options.batch_size, options.progress
+        self.generated = self.cache_hits = 0
+
+    def draw(self, requests: list[tuple[Problem, tuple[str, ...]]], n: int) -> list[list[dict]]:
+        groups = [make_units([p], self.tokenizer, self.style, n, self.identity, prefix) for p, prefix in requests]
+        units = [u for g in groups for u in g]
+        counts = run_generation(units, self.generator, self.settings, self.cache, batch_size=self.batch_size,
+                                progress=self.progress)
+        self.generated += counts["generated"]
+        self.cache_hits += counts["cache_hits"]
+        return [[self.cache.rows[u.key] for u in g] for g in groups]
+
+
+def _reaches(problem_gold, prefix: tuple[str, ...], text: str) -> bool:
+    """Does prefix + continuation state the right final answer?"""
+    answer, _ = locate_answer("\n".join([*prefix, text]))
+    return answer is not None and equivalent(problem_gold, parse_answer(answer))
+
+
+def _first_step(row: dict) -> str | None:
+    return row["steps"][0] if row["steps"] else None
+
+
+def mine(options: MineOptions, model=None) -> dict:
+    """Mine on-policy step pairs: sample, grade, locate the first wrong step (rollouts or a PRM), correct it with
+    the policy's own continuations. Writes OUT/pairs.jsonl (the one pair schema) and OUT/report.json."""
+    problems, _ = read_problems(options.problems)
+    if options.limit:
+        problems = problems[: options.limit]
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    sampler = _Sampler(options, model=model)
+    gold = {p.id: parse_answer(p.answer) for p in problems}
+    try:
+        t = time.perf_counter()
+        first = sampler.draw([(p, ()) for p in problems], options.samples)
+        stages["sample"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        wrong: list[tuple[Problem, dict]] = []
+        solved = {}
+        for p, rows in zip(problems, first):
+            ok = [_reaches(gold[p.id], (), r["text"]) for r in rows]
+            solved[p.id] = sum(ok) / len(ok)
+            wrong += [(p, r) for r, good in zip(rows, ok) if not good and r["steps"]][: options.max_wrong]
+        stages["grade"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        # rollouts from a prefix, shared by every wrong sample of a problem that has that prefix
+        rollouts: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
+        for p, rows in zip(problems, first):
+            rollouts[(p.id, ())] = rows  # the K first samples are the continuations of the empty prefix
+        if options.locate == "rollout":
+            located = _locate_by_rollouts(wrong, rollouts, sampler, gold, options.rollouts)
+        else:
+            located = _locate_by_prm(wrong, options)
+        stages["locate"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        need = [(p, tuple(r["steps"][: k - 1])) for p, r, k in located if (p.id, tuple(r["steps"][: k - 1])) not in rollouts]
+        need = list(dict.fromkeys(need))
+        for (p, prefix), rows in zip(need, sampler.draw(need, options.rollouts) if need else []):
+            rollouts[(p.id, prefix)] = rows
+        if options.chosen_min_success > 0:  # M continuations after each candidate chosen step
+            candidates = []
+            for p, r, k in located:
+                prefix = tuple(r["steps"][: k - 1])
+                for x in rollouts.get((p.id, prefix), []):
+                    step = _first_step(x)
+                    if step and step != r["steps"][k - 1] and _reaches(gold[p.id], prefix, x["text"]):
+                        candidates.append((p, prefix + (step,)))
+            candidates = [c for c in dict.fromkeys(candidates) if (c[0].id, c[1]) not in rollouts]
+            for (p, prefix), rows in zip(candidates, sampler.draw(candidates, options.rollouts) if candidates else []):
+                rollouts[(p.id, prefix)] = rows
+        pairs = _pairs(located, rollouts, gold, options)
+        stages["correct"] = round(time.perf_counter() - t, 2)
+    finally:
+        sampler.cache.close()
+    write_jsonl(out / "pairs.jsonl", pairs)
+    per_problem = defaultdict(int)
+    for pair in pairs:
+        per_problem[pair["problem"]] += 1
+    report = {
+        "problems": len(problems), "samples": len(problems) * options.samples,
+        "sample_accuracy": sum(solved.values()) / len(solved) if solved else 0.0,
+        "wrong_examined": len(wrong), "errors_located": len(located), "pairs": len(pairs),
+        "problems_with_pairs": len(per_problem),
+        "yield_per_problem": len(pairs) / len(problems) if problems else 0.0,
+        "generations": sampler.generated, "cache_hits": sampler.cache_hits, "locate": options.locate,
+        "stages": stages,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
+    return report
+
+
+def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int) -> list[tuple[Problem, dict, int]]:
+    """Math-Shepherd's estimate, breadth-first over all wrong samples: at round k, M continuations from each
+    sample's prefix ending at step k; the first k whose continuations never reach the answer is its error."""
+    active = [(p, r) for p, r in wrong]
+    located = []
+    k = 1
+    while active:
+        requests = list(dict.fromkeys((p, tuple(r["steps"][:k])) for p, r in active
+                                      if (p.id, tuple(r["steps"][:k])) not in rollouts))
+        for (p, prefix), rows in zip(requests, sampler.draw(requests, m) if requests else []):
+            rollouts[(p.id, prefix)] = rows
+        still = []
+        for p, r in active:
+            prefix = tuple(r["steps"][:k])
+            rate = sum(_reaches(gold[p.id], prefix, x["text"]) for x in rollouts[(p.id, prefix)]) / m
+            r.setdefault("_rates", {})[k] = rate
+            if rate == 0:
+                located.append((p, r, k))
+            elif k < len(r["steps"]):
+                still.append((p, r))
+            # a wrong solution whose every prefix still reaches the answer: its error is not in a step; skip it
+        active = still
+        k += 1
+    return located
+
+
+def _locate_by_prm(wrong, options: MineOptions) -> list[tuple[Problem, dict, int]]:
+    """The first step whose process reward is below the threshold, through the `score` backends."""
+    from stepdpo.auth import resolve_token
+    from stepdpo.reward.score import ScoreOptions, make_backend
+    from stepdpo.reward.scorer import MethodSpec
+
+    score_opts = ScoreOptions(pairs=options.problems, model=options.reward_model, out=options.out, method="prm",
+                              backend=options.reward_backend, url=options.reward_url, prm_step_tag=options.prm_step_tag,
+                              prm_head=options.prm_head, batch_size=options.batch_size, progress=False)
+    spec = MethodSpec(model=options.reward_model, method="prm", step_tag=options.prm_step_tag, head=options.prm_head)
+    backend = make_backend(score_opts, spec, resolve_token(options.hf_token_file).value)
+    solutions = [(p.text, list(r["steps"])) for p, r in wrong]
+    batches = [solutions[i : i + options.batch_size] for i in range(0, len(solutions), options.batch_size)]
+    rewards: list = [None] * len(batches)
+    backend.run("prm", batches, lambda i, res: rewards.__setitem__(i, res))
+    flat = [x for batch in rewards for x in batch]
+    located = []
+    for (p, r), per_step in zip(wrong, flat):
+        r["_rewards"] = per_step
+        below = [i for i, v in enumerate(per_step) if v < options.prm_threshold]
+        if below:
+            located.append((p, r, below[0] + 1))
+    return located
+
+
+def _pairs(located, rollouts, gold, options: MineOptions) -> list[dict]:
+    merged: dict[tuple, dict] = {}
+    for p, r, k in located:
+        prefix = tuple(r["steps"][: k - 1])
+        rejected = r["steps"][k - 1]
+        rows = rollouts.get((p.id, prefix), [])
+        good = [x for x in rows if _reaches(gold[p.id], prefix, x["text"])]
+        source = {"file": str(Path(options.problems).resolve()), "problem_id": p.id, "sample_id": r["id"],
+                  "locate": options.locate, "error_step": k,
+                  "correction_success_rate": len(good) / len(rows) if rows else 0.0}
+        if "_rates" in r:
+            source["rollout_success"] = {str(j): v for j, v in sorted(r["_rates"].items())}
+        if "_rewards" in r:
+            source["step_rewards"] = r["_rewards"]
+        for x in good:
+            chosen = _first_step(x)
+            if not chosen or chosen == rejected:
+                continue
+            src = source
+            if options.chosen_min_success > 0:
+                after = rollouts.get((p.id, prefix + (chosen,)), [])
+                rate = sum(_reaches(gold[p.id], prefix + (chosen,), y["text"]) for y in after) / max(len(after), 1)
+                if rate < options.chosen_min_success:
+                    continue
+                src = {**source, "chosen_success_rate": rate}
+            key = (p.text, prefix, chosen, rejected)
+            if key in merged:
+                if src not in merged[key]["source"]:
+                    merged[key]["source"].append(src)
+                continue
+            merged[key] = make_pair("step", p.text, list(prefix), [chosen], [rejected], [src])
+    return list(merged.values())

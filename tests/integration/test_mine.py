@@ -1,0 +1,77 @@
+"""`stepdpo sft` then `stepdpo mine` on a tiny Mistral: the policy's own step pairs, with their provenance,
+resumable from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepdpo.cli import parse
+from stepdpo.data.pairs import validate_pair
+from stepdpo.data.synthetic import SynthOptions, synth
+from stepdpo.generate.mine import MineOptions, mine
+from stepdpo.train.sft import sft_main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def solver(tiny_mistral, tmp_path_factory):
+    """A tiny Mistral taught step-by-step arithmetic by `sft`: it solves some problems and fails others."""
+    d = tmp_path_factory.mktemp("solver")
+    synth(SynthOptions(out=str(d / "train.jsonl"), kind="problems", problems=300, seed=1, max_value=9))
+    cfg, _ = parse("sft", ["--model_name_or_path", str(tiny_mistral), "--train_data", str(d / "train.jsonl"),
+                           "--output_dir", str(d / "sft"), "--max_steps", "500", "--learning_rate", "3e-3",
+                           "--per_device_train_batch_size", "16", "--lr_scheduler_type", "constant", "--use_cpu",
+                           "true", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"])
+    summary = sft_main(cfg)
+    assert summary["data"]["used"] == 300
+    return d
+
+
+def test_sft_teaches_the_step_format_and_to_stop(solver):
+    from stepdpo.generate.generate import GenerateOptions, generate
+
+    report = generate(GenerateOptions(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"),
+                                      out=str(solver / "g"), limit=20, max_new_tokens=64, progress=False))
+    rows = [json.loads(x) for x in (solver / "g" / "samples.jsonl").read_text().splitlines()]
+    assert report["finish_reasons"].get("stop", 0) >= 15  # it ends with EOS after its answer
+    assert sum(r["steps"][-1].startswith("The answer is") for r in rows if r["steps"]) >= 15
+
+
+def test_mine_finds_errors_and_corrections_with_provenance(solver, tmp_path):
+    opts = MineOptions(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"), out=str(tmp_path),
+                       limit=60, samples=4, rollouts=4, temperature=1.0, max_new_tokens=64, progress=False)
+    report = mine(opts)
+    pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert report["pairs"] == len(pairs) > 0 and report["errors_located"] > 0
+    assert 0 < report["sample_accuracy"] < 1 and report["generations"] > report["samples"]
+    samples = {json.loads(x)["key"]: json.loads(x) for x in (tmp_path / "mine_cache.jsonl").read_text().splitlines()}
+    by_id = {s["id"]: s for s in samples.values() if "prefix_steps" not in s}
+    for p in pairs:
+        assert validate_pair(p) is None and p["chosen_steps"] != p["rejected_steps"]
+        src = p["source"][0]
+        assert src["locate"] == "rollout" and src["chosen_success_rate"] >= 0.5
+        wrong = by_id[src["sample_id"]]  # the rejected step is the located step of the policy's own sample
+        k = src["error_step"]
+        assert wrong["steps"][k - 1] == p["rejected_steps"][0] and wrong["steps"][: k - 1] == p["prefix_steps"]
+        assert src["rollout_success"][str(k)] == 0.0  # no continuation after it reached the answer
+        assert all(v > 0 for j, v in src["rollout_success"].items() if int(j) < k)
+    keys = [(p["problem"], tuple(p["prefix_steps"]), p["chosen_steps"][0], p["rejected_steps"][0]) for p in pairs]
+    assert len(keys) == len(set(keys))  # deduplicated
+    again = mine(opts)  # everything comes from the cache: nothing is generated twice
+    assert again["generations"] == 0 and again["cache_hits"] == report["generations"]
+    assert [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == pairs
+
+
+def test_mine_with_a_prm_locates_by_reward(solver, tiny_mistral, tmp_path):
+    report = mine(MineOptions(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"),
+                              out=str(tmp_path), limit=20, samples=2, rollouts=2, locate="prm",
+                              reward_model=str(tiny_mistral), prm_threshold=1.0, chosen_min_success=0,
+                              max_new_tokens=64, progress=False))
+    # threshold 1.0: every step is below it, so the first step is the located error of every wrong sample
+    pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert report["errors_located"] == report["wrong_examined"]
+    assert all(p["source"][0]["error_step"] == 1 and p["prefix_steps"] == [] for p in pairs)
+    assert all(len(p["source"][0]["step_rewards"]) >= 1 for p in pairs)
