@@ -30,6 +30,7 @@ TARGETS = [
     ("prm_single_pass", "doubling_16_over_8", "<=", 2.4, "single-pass time, 16 steps / 8 steps (2x, 1.2 slack)"),
     ("prm_single_pass", "doubling_32_over_16", "<=", 2.4, "single-pass time, 32 steps / 16 steps"),
     ("vllm_client_vs_raw", "ratio.median", "<=", 1.25, "stepdpo score --backend vllm / raw batched requests"),
+    ("generate_vllm_vs_raw", "ratio.median", ">=", 0.8, "stepdpo generate --backend vllm / raw batched requests, samples/s"),
     ("trainer_vs_trl", "ratio.median", "<=", 1.05, "StepwiseDPOTrainer (dpo) / trl.DPOTrainer time per step"),
     ("precompute_vs_live", "ratio.median", "<=", 0.75, "time per step, precomputed / live reference"),
 ]

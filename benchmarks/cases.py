@@ -161,6 +161,64 @@ def vllm_client_vs_raw(quick: bool) -> dict:
             "ratio": _ratio(t_ours, t_raw)}
 
 
+def generate_vllm_vs_raw(quick: bool) -> dict:
+    """`stepdpo generate --backend vllm` vs the same prompts sent to the same server as raw batched requests:
+    samples per second (stepdpo / raw; the target is >= 0.8)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from stepdpo.data.pairs import render_prompt
+    from stepdpo.data.synthetic import SynthOptions, synth
+    from stepdpo.generate.generate import GenerateOptions, generate
+    from stepdpo.generate.problems import read_problems
+    from stepdpo.testing import VLLMServer, vllm_available
+
+    if not vllm_available():
+        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
+    from transformers import AutoTokenizer
+
+    model = _tiny("mistral")
+    tmp = Path(tempfile.mkdtemp())
+    n_problems = 64 if quick else 256
+    synth(SynthOptions(out=str(tmp / "p.jsonl"), kind="problems", problems=n_problems, seed=3, max_value=9))
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = [tok(render_prompt(p.text, [])).input_ids for p in read_problems(tmp / "p.jsonl")[0]]
+    batch, concurrency, max_tokens = 16, 4, 32
+    server = VLLMServer(model, "judge", tmp / "vllm.log").start().wait()
+    try:
+        url = server.url
+
+        def raw_once():
+            session = requests.Session()
+            chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+
+            def post(chunk):
+                r = session.post(f"{url}/v1/completions", json={"model": str(model), "prompt": chunk, "n": 1,
+                                                                 "max_tokens": max_tokens, "temperature": 0.0,
+                                                                 "top_p": 1.0, "seed": 0, "return_token_ids": True})
+                r.raise_for_status()
+                return r.json()
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(post, chunks))
+            return len(prompts) / (time.perf_counter() - t)
+
+        raw_once()  # warm the server
+        raw, ours = [], []
+        for i in range(3 if quick else 5):
+            raw.append(raw_once())
+            report = generate(GenerateOptions(problems=str(tmp / "p.jsonl"), model=str(model), out=str(tmp / f"g{i}"),
+                                              backend="vllm", url=[url], batch_size=batch, concurrency=concurrency,
+                                              max_new_tokens=max_tokens, progress=False))
+            ours.append(report["samples_per_second"])
+    finally:
+        server.stop()
+    return {"prompts": len(prompts), "raw_samples_per_s": _stats(raw), "stepdpo_samples_per_s": _stats(ours),
+            "ratio": _ratio(ours, raw)}
+
+
 # --------------------------------------------------------------------------------------------- training
 def _pairs_file(n_problems: int) -> Path:
     from stepdpo.data.prepare import PrepareOptions, prepare
@@ -270,6 +328,7 @@ CASES = {
     "prepare_vs_json": prepare_vs_json,
     "prm_single_pass": prm_single_pass,
     "vllm_client_vs_raw": vllm_client_vs_raw,
+    "generate_vllm_vs_raw": generate_vllm_vs_raw,
     "trainer_vs_trl": trainer_vs_trl,
     "precompute_vs_live": precompute_vs_live,
     "plans_7b": plans_7b,

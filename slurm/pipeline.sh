@@ -15,6 +15,8 @@
 #             --api-key-file F
 # Training:   --mode zero3|zero2|zero3-offload|ddp|cpu-ddp (zero3), --nodes N (1), --gpus-per-node G (8),
 #             --train-args "..." (stepdpo train overrides, shell-quoted: "--run_name 'a b'"), --hf-token-file F
+# Answers:    --answers PROBLEMS (a problem file: an extra job serves the trained policy with vLLM and runs
+#             generate + grade; answer accuracy in RUN_DIR/answers/graded/report.json), --answer-samples K (1)
 # Eval:       --eval-gpus G (1), --eval-cpus C (8), --eval-mem M (64G); --train-cpus C, --train-mem M (per node;
 #             default: the whole node, --exclusive)
 # Cluster:    --partition P, --account A, --qos Q, --reward-partition P (= --partition),
@@ -34,7 +36,7 @@ MODE=zero3; NODES=1; GPUS=8; TRAIN_ARGS=""; TOKEN_FILE=""
 PARTITION=""; ACCOUNT=""; QOS=""; REWARD_PARTITION=""
 T_PREP=01:00:00; T_REWARD=08:00:00; T_SCORE=08:00:00; T_TRAIN=24:00:00; T_EVAL=02:00:00
 ENV_SPEC=""; VLLM_ENV_SPEC=""; CPU=0; DRY=0
-EVAL_GPUS=1; EVAL_CPUS=8; EVAL_MEM=64G; TRAIN_CPUS=""; TRAIN_MEM=""
+EVAL_GPUS=1; EVAL_CPUS=8; EVAL_MEM=64G; TRAIN_CPUS=""; TRAIN_MEM=""; ANSWERS=""; ANSWER_SAMPLES=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --run-dir) RUN_DIR=$2; shift 2;;
@@ -66,6 +68,8 @@ while [[ $# -gt 0 ]]; do
     --time-eval) T_EVAL=$2; shift 2;;
     --env) ENV_SPEC=$2; shift 2;;
     --vllm-env) VLLM_ENV_SPEC=$2; shift 2;;
+    --answers) ANSWERS=$2; shift 2;;
+    --answer-samples) ANSWER_SAMPLES=$2; shift 2;;
     --eval-gpus) EVAL_GPUS=$2; shift 2;;
     --eval-cpus) EVAL_CPUS=$2; shift 2;;
     --eval-mem) EVAL_MEM=$2; shift 2;;
@@ -97,6 +101,7 @@ done
 if [[ $CPU == 1 && $MODE != cpu* ]]; then MODE=cpu-ddp; fi
 if [[ $CPU == 0 && $MODE == cpu* ]]; then die "--mode $MODE needs --cpu"; fi
 [[ -z $API_KEY_FILE || -f $API_KEY_FILE ]] || die "--api-key-file $API_KEY_FILE: no such file"
+[[ -z $ANSWERS || -f $ANSWERS ]] || die "--answers $ANSWERS: no such file"
 [[ -z $TOKEN_FILE || -f $TOKEN_FILE ]] || die "--hf-token-file $TOKEN_FILE: no such file"
 REWARD_GPUS=${REWARD_GPUS:-$GPUS}
 REWARD_PARTITION=${REWARD_PARTITION:-$PARTITION}
@@ -218,5 +223,17 @@ EVAL=$(submit eval ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" \
   "${COMMON[@]}" --job-name stepdpo-eval --dependency "afterok:$TRAIN" --time "$T_EVAL" "${EVAL_RES[@]}" \
   --output "$RUN_DIR/logs/eval-%j.out" "$REPO/slurm/stage.sbatch")
 
-printf 'prepare=%s reward_server=%s score=%s train=%s eval=%s\n' "$PREP" "$SERVER" "$SCORE" "$TRAIN" "$EVAL"
+ANSWERS_JOB=""
+if [[ -n $ANSWERS ]]; then
+  POLICY_SERVE_ARGS=""
+  if [[ $CPU == 1 ]]; then POLICY_SERVE_ARGS="--cpu"; else POLICY_SERVE_ARGS="--tp $EVAL_GPUS --dtype bfloat16"; fi
+  VLLM_PY=""; [[ $VLLM_ENV_SPEC == venv:* ]] && VLLM_PY="${VLLM_ENV_SPEC#venv:}/bin/python"
+  ANSWERS_JOB=$(submit answers POLICY="$RUN_DIR/train/final" PROBLEMS="$(cd "$(dirname "$ANSWERS")" && pwd)/$(basename "$ANSWERS")" \
+    OUT="$RUN_DIR/answers" SAMPLES="$ANSWER_SAMPLES" SERVE_ARGS="$POLICY_SERVE_ARGS" ENV_SETUP="$ENV_SETUP" \
+    STEPDPO_REPO="$REPO" ${VLLM_PY:+VLLM_PYTHON="$VLLM_PY"} -- \
+    "${COMMON[@]}" --job-name stepdpo-answers --dependency "afterok:$TRAIN" --time "$T_EVAL" "${EVAL_RES[@]}" \
+    --output "$RUN_DIR/logs/answers-%j.out" "$REPO/slurm/answers.sbatch")
+fi
+printf 'prepare=%s reward_server=%s score=%s train=%s eval=%s%s\n' "$PREP" "$SERVER" "$SCORE" "$TRAIN" "$EVAL" \
+  "${ANSWERS_JOB:+ answers=$ANSWERS_JOB}"
 [[ $DRY == 1 ]] || echo "logs: $RUN_DIR/logs  (squeue -u ${USER:-$(id -un)}; results in $RUN_DIR/eval/metrics.json)"

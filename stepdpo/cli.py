@@ -50,6 +50,8 @@ STAGES: dict[str, Stage] = {
                  "supervised fine-tuning on correct step-by-step solutions: a base model becomes a step solver"),
     "mine": Stage("stepdpo.generate.mine", "MineOptions", "mine",
                   "the policy's own step pairs: sample, grade, locate the first wrong step, correct it"),
+    "merge": Stage("stepdpo.generate.merge", "MergeOptions", "merge",
+                   "fold a LoRA/QLoRA adapter into its base (for servers without LoRA support)"),
     "eval": Stage("stepdpo.evaluate", "EvalOptions", "run_eval",
                   "held-out step-pair accuracy, reward margins, training curves"),
     "inspect": Stage("stepdpo.inspect_pairs", "InspectOptions", "inspect_pairs",

@@ -116,3 +116,19 @@ class Unparsable:
         self.detail = detail
 
 
+
+
+def parsed_records(path: Path):
+    """(line, parsed value or None, why it is not valid JSON or None) for every non-blank record of any layout."""
+    for line, raw, is_text in records(path, {}):
+        if is_text and not raw.strip():
+            continue
+        if raw.__class__ is Unparsable:
+            yield line, None, f"not valid JSON ({raw.detail})"
+            continue
+        try:
+            yield line, (loads(raw) if is_text else raw), None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            detail = getattr(e, "msg", None) or ("not valid UTF-8" if isinstance(e, UnicodeDecodeError) else
+                                                 "nested too deeply")
+            yield line, None, f"not valid JSON ({detail})"

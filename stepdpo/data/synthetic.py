@@ -105,11 +105,15 @@ def generate_problems(cfg: SynthConfig) -> Iterator[dict]:
 
 
 def write_problems(path: str | Path, cfg: SynthConfig) -> int:
+    return _write_rows(path, generate_problems(cfg))
+
+
+def _write_rows(path: str | Path, rows) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with path.open("w", encoding="utf-8") as f:
-        for row in generate_problems(cfg):
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
@@ -292,11 +296,4 @@ def generate_records(cfg: SynthConfig) -> Iterator[dict]:
 
 
 def write_synthetic(path: str | Path, cfg: SynthConfig) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for record in generate_records(cfg):
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    return _write_rows(path, generate_records(cfg))

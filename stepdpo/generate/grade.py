@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepdpo.data.jsonio import Unparsable, loads, records
+from stepdpo.data.jsonio import parsed_records
 from stepdpo.errors import StepdpoError
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
 from stepdpo.generate.problems import Problem, read_problems
@@ -39,18 +39,15 @@ def read_samples(path: str | Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise GradeError(f"--samples {path}: no such file (write one with `stepdpo generate`)")
     samples, rejects = [], []
-    for line, raw, is_text in records(path, {}):
-        if is_text and not raw.strip():
-            continue
+    for line, row, invalid in parsed_records(path):
         try:
-            if raw.__class__ is Unparsable:
-                raise ValueError(f"not valid JSON ({raw.detail})")
-            row = loads(raw) if is_text else raw
+            if invalid:
+                raise ValueError(invalid)
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ValueError("a sample needs a string `text`")
             if not isinstance(row.get("problem_id", row.get("problem")), (str, int)):
                 raise ValueError("a sample needs `problem_id` or `problem` (the id or the problem's text)")
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        except ValueError as e:
             rejects.append({"file": str(path), "line": line, "reason": str(e).splitlines()[0]})
             continue
         row["_line"] = line

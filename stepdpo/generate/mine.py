@@ -20,15 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepdpo.data.pairs import DEFAULT_INSTRUCTION, make_pair, prompt_style, write_jsonl
-from stepdpo.errors import StepdpoError
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
 from stepdpo.generate.generate import HFGenerator, SampleCache, VLLMGenerator, make_units, run_generation
 from stepdpo.generate.problems import Problem, read_problems
 from stepdpo.options import REQUIRED, check, check_choice, opt
-
-
-class MineError(StepdpoError):
-    pass
 
 
 @dataclass

@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepdpo.data.jsonio import Unparsable, loads, records
+from stepdpo.data.jsonio import parsed_records
 from stepdpo.errors import StepdpoError
 
 
@@ -80,15 +80,12 @@ def read_problems(path: str | Path) -> tuple[list[Problem], list[dict]]:
     if not path.is_file():
         raise ProblemFileError(f"--problems {path}: no such file")
     problems, rejects, seen = [], [], set()
-    for line, raw, is_text in records(path, {}):
-        if is_text and not raw.strip():
-            continue
+    for line, row, invalid in parsed_records(path):
         try:
-            if raw.__class__ is Unparsable:
-                raise ValueError(f"not valid JSON ({raw.detail})")
-            row = loads(raw) if is_text else raw
+            if invalid:
+                raise ValueError(invalid)
             problem = _from_row(row)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        except ValueError as e:
             rejects.append({"file": str(path.resolve()), "line": line, "reason": str(e).splitlines()[0]})
             continue
         if problem.id in seen:

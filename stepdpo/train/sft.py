@@ -21,7 +21,7 @@ from pathlib import Path
 
 from trl import SFTConfig
 
-from stepdpo.data.jsonio import Unparsable, loads, records
+from stepdpo.data.jsonio import parsed_records
 from stepdpo.errors import OptionsError, StepdpoError
 from stepdpo.train.config import ModelArgs
 
@@ -97,14 +97,12 @@ def read_solutions(path: str | Path, fmt: str = "auto") -> tuple[list[tuple[str,
     if not path.is_file():
         raise SFTDataError(f"{path}: no such file")
     out, rejects = [], []
-    for line, raw, is_text in records(path, {}):
-        if is_text and not raw.strip():
-            continue
+    for line, row, invalid in parsed_records(path):
         try:
-            if raw.__class__ is Unparsable:
-                raise ValueError(f"not valid JSON ({raw.detail})")
-            out.append(_solution_from(loads(raw) if is_text else raw, fmt))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            if invalid:
+                raise ValueError(invalid)
+            out.append(_solution_from(row, fmt))
+        except ValueError as e:
             rejects.append({"file": str(path), "line": line, "reason": str(e).splitlines()[0]})
     if not out:
         first = f"; first: line {rejects[0]['line']}: {rejects[0]['reason']}" if rejects else ""

@@ -167,8 +167,9 @@ def test_one_line_errors_instead_of_tracebacks(case, broken_inputs, tiny_mistral
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and words in res.stderr, res.stderr[-3000:]
     assert err[-1].startswith("stepdpo ") and ": error:" in err[-1]
-    debug = run(*args, "--debug", check=False)
-    assert "Traceback" in debug.stderr
+    if case == "train: empty pairs file":  # --debug shows the traceback instead (one case suffices)
+        debug = run(*args, "--debug", check=False)
+        assert "Traceback" in debug.stderr
 
 
 def test_train_sh_rejects_zero_processes():

@@ -23,3 +23,20 @@ def test_demo_learns_on_held_out_problems(tmp_path):
     assert summary["total_seconds"] < 600
     assert (tmp_path / "demo" / "training_curves.png").stat().st_size > 1000
     assert "held-out pair accuracy" in res.stdout
+
+
+def test_the_loop_writes_its_summary(tmp_path):
+    """`stepdpo demo --loop`, shrunk: every stage runs, held-out problems are unseen, and summary.json has
+    answer accuracy before, after and for the control, the pairs mined and the time per stage."""
+    from stepdpo.demo import run_loop
+
+    s = run_loop(tmp_path, train_problems=150, test_problems=40, sft_steps=150, mine_problems=40, dpo_steps=10)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(s))
+    assert set(s["answer_accuracy"]) == {"before", "after", "control"}
+    assert all(0 <= v <= 1 for v in s["answer_accuracy"].values())
+    assert s["mined_pairs"] == s["mine"]["pairs"] and 0 < s["held_out_problems"] <= 40
+    assert {"sft", "answers_before", "mine", "train", "answers_after", "control_sft", "answers_control"} <= set(s["stages"])
+    train = {json.loads(x)["problem"] for x in (tmp_path / "train.jsonl").read_text().splitlines()}
+    test = {json.loads(x)["problem"] for x in (tmp_path / "test.jsonl").read_text().splitlines()}
+    assert not train & test

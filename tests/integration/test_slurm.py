@@ -121,7 +121,8 @@ def test_preemption_saves_requeues_and_resumes(cluster, tiny_mistral, synth_pair
     assert losses(tmp_path / "pre") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
 
 
-SEVEN_B = sorted((REPO / "configs" / "recipes" / "mistral-7b").glob("*.yaml"))
+SEVEN_B = sorted(p for p in (REPO / "configs" / "recipes" / "mistral-7b").glob("*.yaml")
+                 if "train_data:" not in p.read_text())  # the stepwise DPO recipes (sft's runs before the pipeline)
 
 
 @pytest.mark.skipif(not vllm_available(), reason="no .venv-vllm: run launch/setup.sh --vllm")
@@ -131,18 +132,24 @@ def test_pipeline_runs_each_7b_recipe_to_a_completed_eval(recipe, cluster, tiny_
     steps, one process): prepare -> reward server -> score -> train (ZeRO-3 on CPU) -> eval, all COMPLETED."""
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
 
+    from stepdpo.data.synthetic import SynthOptions, synth
+
     write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=80, seed=4, max_value=9))
     train_args = ("--use_cpu true --max_steps 2 --per_device_train_batch_size 2 --eval_steps 1 "
                   "--run_name 'a name with spaces'")
+    answers = []
+    if recipe.stem == "qlora_zero3":  # the headline recipe also gets the answer-accuracy job (vLLM, merged adapter)
+        synth(SynthOptions(out=str(tmp_path / "problems.jsonl"), kind="problems", problems=8, seed=5, max_value=9))
+        answers = ["--answers", str(tmp_path / "problems.jsonl")]
     res = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "run"), "--input",
                           str(tmp_path / "prm.jsonl"), "--model", str(tiny_mistral), "--reward-model",
                           str(tiny_mistral), "--recipe", str(recipe), "--cpu", "--mode", "cpu-zero3",
-                          "--train-args", train_args, "--time-reward", "00:20:00"],
+                          "--train-args", train_args, "--time-reward", "00:20:00", *answers],
                          env=cluster, capture_output=True, text=True, check=True)
     # the recipe states a global batch of 128; one CPU process with batch 2 x accumulation 4 or 8 is not that
     assert "warning:" in res.stderr and "states 128" in res.stderr
     ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
-    assert set(ids) == {"prepare", "reward_server", "score", "train", "eval"}
+    assert set(ids) == {"prepare", "reward_server", "score", "train", "eval"} | ({"answers"} if answers else set())
     logs = tmp_path / "run" / "logs"
     state = wait_state(cluster, ids["eval"], timeout=900)
     assert state == "COMPLETED", "\n".join(p.read_text()[-2500:] for p in sorted(logs.glob("*.out")))
@@ -161,6 +168,12 @@ def test_pipeline_runs_each_7b_recipe_to_a_completed_eval(recipe, cluster, tiny_
     saved = json.loads((tmp_path / "run" / "train" / "final" / "stepdpo_config.json").read_text())
     assert saved["run_name"] == "a name with spaces"  # one argument, through sbatch, srun and train.sh
     assert saved["eval_pairs"] == str(tmp_path / "run" / "pairs" / "test" / "pairs.jsonl")
+    if answers:
+        assert wait_state(cluster, ids["answers"], timeout=600) == "COMPLETED", \
+            "\n".join(p.read_text()[-2500:] for p in sorted(logs.glob("answers-*.out")))
+        report = json.loads((tmp_path / "run" / "answers" / "graded" / "report.json").read_text())
+        assert report["samples"] == 8 and 0 <= report["accuracy"] <= 1
+        assert (tmp_path / "run" / "answers" / "merged" / "config.json").is_file()  # the adapter was merged
 
 
 def test_train_sbatch_takes_overrides_after_a_double_dash(cluster, tiny_mistral, synth_pairs, tmp_path):
