@@ -75,3 +75,20 @@ def test_mine_with_a_prm_locates_by_reward(solver, tiny_mistral, tmp_path):
     assert report["errors_located"] == report["wrong_examined"]
     assert all(p["source"][0]["error_step"] == 1 and p["prefix_steps"] == [] for p in pairs)
     assert all(len(p["source"][0]["step_rewards"]) >= 1 for p in pairs)
+
+
+def test_sft_raises_held_out_answer_accuracy_far_above_the_untrained_model(solver, tiny_mistral, tmp_path):
+    from stepdpo.generate.generate import GenerateOptions, generate
+    from stepdpo.generate.grade import GradeOptions, grade
+
+    synth(SynthOptions(out=str(tmp_path / "held_out.jsonl"), kind="problems", problems=60, seed=9, max_value=9))
+    train = {json.loads(x)["problem"] for x in (solver / "train.jsonl").read_text().splitlines()}
+    held = [x for x in (tmp_path / "held_out.jsonl").read_text().splitlines() if json.loads(x)["problem"] not in train]
+    (tmp_path / "held_out.jsonl").write_text("\n".join(held) + "\n")
+    accuracy = {}
+    for name, model in (("untrained", tiny_mistral), ("sft", solver / "sft" / "final")):
+        generate(GenerateOptions(problems=str(tmp_path / "held_out.jsonl"), model=str(model), out=str(tmp_path / name),
+                                 max_new_tokens=64, progress=False))
+        accuracy[name] = grade(GradeOptions(problems=str(tmp_path / "held_out.jsonl"), samples=str(tmp_path / name),
+                                            out=str(tmp_path / name / "graded")))["accuracy"]
+    assert accuracy["untrained"] == 0.0 and accuracy["sft"] >= 0.25, accuracy
