@@ -189,7 +189,7 @@ if [[ $CPU == 1 ]]; then SERVE_ARGS="--cpu $SERVE_ARGS"; fi
 INPUT_ARGS=""; for f in "${INPUTS[@]}"; do INPUT_ARGS+=" --input $(cd "$(dirname "$f")" && pwd)/$(basename "$f")"; done
 
 PREP=$(submit prepare ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" \
-  STAGE_ARGS="prepare --format $FORMAT$INPUT_ARGS --out $RUN_DIR/pairs --test-fraction $TEST_FRACTION --seed $SEED --no-progress" -- \
+  STAGE_ARGS="prepare --format $FORMAT$INPUT_ARGS --out $RUN_DIR/pairs --test-fraction $TEST_FRACTION --seed $SEED --overwrite --no-progress" -- \
   "${COMMON[@]}" --job-name stepdpo-prepare --time "$T_PREP" --output "$RUN_DIR/logs/prepare-%j.out" \
   "$REPO/slurm/stage.sbatch")
 
