@@ -67,13 +67,13 @@ def _solution(n_steps: int, seed: int) -> tuple[str, list[str]]:
 
 def prm_single_pass(quick: bool) -> dict:
     """PRM rewards for every step: one pass per solution vs one pass per prefix (the quadratic way)."""
-    from stepdpo.reward.hf import HFScorer
+    from stepdpo.reward.hf import load_hf_backend
     from stepdpo.reward.scorer import MethodSpec
 
     # A PRM shaped like a real one (MLP 3.5x hidden, as Mistral-7B's 14336/4096), only smaller: with a
     # toy MLP, attention's quadratic term dominates in a way it does not at 7B scale.
     model = _tiny("mistral", hidden=256, layers=4, ffn=896)
-    scorer = HFScorer(MethodSpec(str(model), "prm"))
+    scorer = load_hf_backend(MethodSpec(str(model), "prm"))
     solutions = 8 if quick else 16
     scorer.score_prm([_solution(8, 99)])  # warm-up: first-call allocations are not the method's cost
     out = {}
