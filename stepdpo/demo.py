@@ -94,7 +94,8 @@ def run_demo(out: str | Path = "demo_out", arch: str = "t5", seed: int = 0, prob
         data = out / "data" / "prm800k.jsonl"
         write_synthetic(data, SynthConfig(problems=problems, seed=seed, max_value=MAX_VALUE))
     with _stage(stages, "prepare"):
-        report = prepare([data], out / "pairs", PrepareOptions(test_fraction=0.2, seed=seed, progress=False))
+        report = prepare([data], out / "pairs", PrepareOptions(test_fraction=0.2, seed=seed, progress=False,
+                                                                overwrite=True))  # a re-run replaces its data
     with _stage(stages, "score"):
         score_report = score(ScoreOptions(pairs=str(out / "pairs" / "train" / "pairs.jsonl"), model=str(model_dir),
                                           out=str(out / "scored"), batch_size=64, progress=False))

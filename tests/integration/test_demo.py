@@ -40,3 +40,12 @@ def test_the_loop_writes_its_summary(tmp_path):
     train = {json.loads(x)["problem"] for x in (tmp_path / "train.jsonl").read_text().splitlines()}
     test = {json.loads(x)["problem"] for x in (tmp_path / "test.jsonl").read_text().splitlines()}
     assert not train & test
+
+
+def test_the_demo_runs_again_in_the_same_directory(tmp_path):
+    """`bash launch/demo.sh` twice: the second run replaces the first one's data instead of refusing."""
+    from stepdpo.demo import run_demo
+
+    first = run_demo(tmp_path, arch="mistral", problems=60, steps=2)
+    again = run_demo(tmp_path, arch="mistral", problems=60, steps=2)
+    assert again["data"] == first["data"] and again["before"] == first["before"]
