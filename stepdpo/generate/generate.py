@@ -24,6 +24,7 @@ from stepdpo.data.pairs import DEFAULT_INSTRUCTION, PromptStyle, prompt_style, r
 from stepdpo.errors import StepdpoError
 from stepdpo.generate.problems import Problem, read_problems
 from stepdpo.options import REQUIRED, check, check_choice, opt
+from stepdpo.reward.vllm import VLLMError
 
 logger = logging.getLogger("stepdpo.generate")
 
@@ -112,7 +113,7 @@ class HFGenerator:
         mask = torch.tensor([[0] * (width - len(u.prompt_ids)) + [1] * len(u.prompt_ids) for u in batch])
         kwargs = dict(max_new_tokens=s["max_new_tokens"], pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
         if s["temperature"] > 0:
-            torch.manual_seed(int(hashlib.sha1(batch[0].key.encode()).hexdigest()[:8], 16) ^ s["seed"])
+            torch.manual_seed(batch_seed(batch, s["seed"]))
             kwargs.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"])
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -158,14 +159,13 @@ class VLLMGenerator:
         def call(url, batch):
             rows = self.client.complete(url, [list(u.prompt_ids) for u in batch], n=1,
                                         max_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                                        top_p=s["top_p"], seed=s["seed"] + u_index(batch), stop=s["stop"] or None)
+                                        top_p=s["top_p"], seed=batch_seed(batch, s["seed"]), stop=s["stop"] or None)
             out = []
             for (r,) in rows:
-                tokens = [t for t in r["token_ids"]]
+                tokens = r["token_ids"]
                 if tokens and tokens[-1] == eos:
                     tokens = tokens[:-1]
-                out.append({"text": r["text"], "token_ids": tokens,
-                            "finish_reason": "stop" if r["finish_reason"] == "stop" else r["finish_reason"]})
+                out.append({"text": r["text"], "token_ids": tokens, "finish_reason": r["finish_reason"]})
             return out
 
         self.client.map_batches(batches, call, on_result)
@@ -178,9 +178,10 @@ class VLLMGenerator:
                 "per_url": {redact_url(u): v for u, v in c.url_stats.items()}}
 
 
-def u_index(batch: list[Unit]) -> int:
-    """A per-batch seed offset derived from the batch's content, so a resumed run samples the same."""
-    return int(hashlib.sha1(batch[0].key.encode()).hexdigest()[:6], 16)
+def batch_seed(batch: list[Unit], seed: int) -> int:
+    """The sampling seed of a batch, derived from its content and --seed (both backends), so a resumed run
+    samples the same batch the same way."""
+    return int(hashlib.sha1(batch[0].key.encode()).hexdigest()[:6], 16) ^ seed
 
 
 class SampleCache:
@@ -285,14 +286,8 @@ def generate(options: GenerateOptions, model=None) -> dict:
     try:
         counts = run_generation(units, generator, settings, cache, batch_size=options.batch_size,
                                 progress=options.progress)
-    except StepdpoError:
-        raise
-    except Exception as e:  # a VLLMError: the samples so far are cached
-        from stepdpo.reward.vllm import VLLMError
-
-        if isinstance(e, VLLMError):
-            raise GenerateError(f"{e} (samples so far are cached in {cache.path}; re-run to resume)") from None
-        raise
+    except VLLMError as e:  # the samples so far are cached
+        raise GenerateError(f"{e} (samples so far are cached in {cache.path}; re-run to resume)") from None
     finally:
         cache.close()
     rows = [dict(cache.rows[u.key]) for u in units]
