@@ -182,7 +182,7 @@ def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = No
     model = cls.from_pretrained(base_name, **kwargs)
     if quant is None:
         model.to(device)
-    prepare_for_logps(model)  # before PEFT wraps it, as TRL requires
+    prepare_for_logps(model, str((run_cfg or {}).get("prefix_sharing", "auto")).lower())  # before PEFT wraps it
     if adapter.is_file():
         from peft import PeftModel
 

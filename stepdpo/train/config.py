@@ -133,6 +133,14 @@ class StepwiseDPOConfig(ModelArgs, DPOConfig):
         default=False,
         metadata={"help": "Append EOS after the chosen/rejected step. Off by default: a step is not the end of an answer."},
     )
+    prefix_sharing: str = field(
+        default="auto",
+        metadata={"help": "Compute each pair's prompt once: one row [prompt, chosen, rejected] with a 4D attention mask "
+                  "(decoder-only; sdpa or eager attention), or one encoder pass per pair (encoder-decoder). Same "
+                  "log-probabilities as two rows, less time and memory. auto: on where the model can take it, else "
+                  "TRL's two-row layout (said once in the log); true: fail where it cannot; false: TRL's layout.",
+                  "choices": ["auto", "true", "false"]},
+    )
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "Abort after this many optimizer steps in a row with a non-finite loss or gradient."}
     )
@@ -149,6 +157,11 @@ class StepwiseDPOConfig(ModelArgs, DPOConfig):
                     f"step_loss={self.step_loss} computes its own loss and would ignore {', '.join(ignored)}: remove "
                     "them, or use step_loss=dpo to train with TRL's loss_type options."
                 )
+        if isinstance(self.prefix_sharing, bool):  # YAML `prefix_sharing: true`
+            self.prefix_sharing = str(self.prefix_sharing).lower()
+        if str(self.prefix_sharing).lower() not in ("auto", "true", "false"):
+            raise OptionsError(f"prefix_sharing={self.prefix_sharing!r}: choose auto, true or false")
+        self.prefix_sharing = str(self.prefix_sharing).lower()
         self._check_model_args()
         super().__post_init__()
 

@@ -16,8 +16,10 @@ import torch
 NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
-def prepare_for_logps(model) -> None:
-    """Give `model` (a base model, before PEFT wraps it) the fused-LM-head forward; idempotent."""
+def prepare_for_logps(model, prefix_sharing: str = "auto") -> None:
+    """Give `model` (a base model, before PEFT wraps it) the fused-LM-head forward, with each pair's prompt
+    computed once where the model can take it (stepdpo.train.prefix_sharing); idempotent."""
+    from stepdpo.train import prefix_sharing as sharing
     from stepdpo.train.seq2seq import add_seq2seq_fused_head, is_encoder_decoder
 
     if getattr(model, "_stepdpo_fused_head", False):
@@ -28,6 +30,7 @@ def prepare_for_logps(model) -> None:
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(model)
+    sharing.enable(model, prefix_sharing)
     model._stepdpo_fused_head = True
 
 

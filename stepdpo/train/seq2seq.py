@@ -21,6 +21,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
 
 
@@ -68,6 +69,15 @@ def add_seq2seq_fused_head(model) -> None:
         kwargs.pop("use_cache", None)
         kwargs.pop("output_router_logits", None)
         enc_ids, enc_mask, dec_labels, positions, valid = split_concatenated(input_ids, attention_mask, labels, pad_id)
+        pair_rows = getattr(self, "_stepdpo_prefix_sharing", False) and same_encoder_inputs(enc_ids, enc_mask)
+        if pair_rows and "encoder_outputs" not in kwargs:
+            # Prefix sharing: a pair's chosen and rejected rows have the same encoder input (the prompt), so the
+            # encoder runs once per pair and both decoder rows attend to that one output. Gradients from both rows
+            # reach the encoder through the concatenation, as they do through two encoder runs.
+            self._stepdpo_shared_calls = getattr(self, "_stepdpo_shared_calls", 0) + 1
+            half = enc_ids.size(0) // 2
+            encoded = self.get_encoder()(input_ids=enc_ids[:half], attention_mask=enc_mask[:half], return_dict=True)
+            kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=torch.cat([encoded.last_hidden_state] * 2))
         out = cls_forward(self, input_ids=enc_ids, attention_mask=enc_mask, labels=dec_labels, use_cache=False, **kwargs)
         logits = out.logits
         log_probs_all = F.log_softmax(logits.float(), dim=-1)
@@ -97,6 +107,15 @@ def add_seq2seq_fused_head(model) -> None:
         )
 
     model.forward = types.MethodType(forward, model)
+
+
+def same_encoder_inputs(enc_ids: torch.Tensor, enc_mask: torch.Tensor) -> bool:
+    """Whether row i and row B+i (a pair's chosen and rejected rows) have the same encoder input."""
+    n = enc_ids.size(0)
+    if n % 2:
+        return False
+    half = n // 2
+    return torch.equal(enc_mask[:half], enc_mask[half:]) and torch.equal(enc_ids[:half], enc_ids[half:])
 
 
 def is_encoder_decoder(model) -> bool:

@@ -28,7 +28,7 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from stepdpo.errors import StepdpoError
-from stepdpo.train import losses
+from stepdpo.train import losses, prefix_sharing
 from stepdpo.train.checkpoint import CompleteCheckpointsMixin
 from stepdpo.train.logps import sequence_logps
 from stepdpo.train.modeling import disable_dropout
@@ -213,6 +213,7 @@ class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
         self._ensure_seq2seq_heads()
+        self._install_prefix_sharing()
         self._keep_fp32_adapters(args)
         if args.disable_dropout:
             for m in (self.model, self.ref_model):
@@ -262,8 +263,25 @@ class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
             add_seq2seq_fused_head(self.accelerator.unwrap_model(self.ref_model))
         self._seq2seq_patched = True
 
+    def _install_prefix_sharing(self):
+        """Resolve prefix_sharing (auto|true|false) once and install it on the policy and the reference
+        (stepdpo.train.prefix_sharing); idempotent."""
+        if getattr(self, "_prefix_sharing_done", False):
+            return
+        self._prefix_sharing_done = True
+        policy = self.accelerator.unwrap_model(self.model)
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        self.prefix_sharing = prefix_sharing.resolve(self.args.prefix_sharing, base, self.args, self._encoder_decoder)
+        if not self.prefix_sharing:
+            return
+        models = [base] + ([self.accelerator.unwrap_model(self.ref_model)] if self.ref_model is not None else [])
+        for m in models:
+            self.prefix_sharing = prefix_sharing.enable(m, "true", self.args) and self.prefix_sharing
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        self._ensure_seq2seq_heads()  # TRL precomputes inside its __init__, before ours resumes
+        # TRL precomputes inside its __init__, before ours resumes
+        self._ensure_seq2seq_heads()
+        self._install_prefix_sharing()
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # ---------------------------------------------------------------- data

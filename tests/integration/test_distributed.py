@@ -36,10 +36,16 @@ def losses(summary):
 
 @pytest.fixture(scope="module")
 def single(tiny_mistral, synth_pairs, tmp_path_factory):
-    """One process, batch 4: the reference run."""
+    """One process, batch 4, each pair as two rows (TRL's layout): the reference run. The multi-process runs
+    share each pair's prefix (prefix_sharing=auto), so they also check sharing under DDP and ZeRO-3."""
     out = tmp_path_factory.mktemp("single")
     return launch("cpu", RECIPE, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", out,
-                  "--max_steps", 4, "--per_device_train_batch_size", 4, probe=False)
+                  "--max_steps", 4, "--per_device_train_batch_size", 4, "--prefix_sharing", "false", probe=False)
+
+
+def assert_shared(out, rank=0):
+    info = json.loads((out / f"partition_rank{rank}.json").read_text())
+    assert info["prefix_sharing"] is True and info["shared_forwards"] > 0, info
 
 
 def test_ddp_two_processes_equal_one_process(single, tiny_mistral, synth_pairs, tmp_path):
@@ -50,12 +56,15 @@ def test_ddp_two_processes_equal_one_process(single, tiny_mistral, synth_pairs, 
     # 1.39e-5 at step 3 (the old stand-in config stayed under 1e-5).
     assert losses(ddp) == pytest.approx(losses(single), abs=DDP_TOL)
     assert json.loads((tmp_path / "partition_rank1.json").read_text())["world_size"] == 2
+    assert_shared(tmp_path, rank=1)
 
 
 def test_zero3_partitions_parameters_and_matches_one_process(single, tiny_mistral, synth_pairs, tmp_path):
     z3 = launch("cpu-zero3", RECIPE, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", tmp_path,
                 "--max_steps", 4, "--per_device_train_batch_size", 2)
     assert losses(z3) == pytest.approx(losses(single), abs=1e-4)
+    assert_shared(tmp_path, rank=0)
+    assert_shared(tmp_path, rank=1)
     for rank in (0, 1):
         info = json.loads((tmp_path / f"partition_rank{rank}.json").read_text())
         # q_proj is 64x64: gathered it has 4096 elements; each of 2 ranks holds half, and the module's

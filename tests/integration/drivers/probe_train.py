@@ -35,6 +35,10 @@ class ProbeTrainer(StepwiseDPOTrainer):
                             shard_numel=p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None)
                 break
         info["dtypes"] = self.loaded_dtypes
+        policy = self.accelerator.unwrap_model(self.model)
+        policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        info["prefix_sharing"] = self.prefix_sharing
+        info["shared_forwards"] = getattr(policy, "_stepdpo_shared_calls", 0)
         (target / f"partition_rank{rank}.json").write_text(json.dumps(info))
         ids = self.processing_class(PROBE, return_tensors="pt")
         model = self.model_wrapped
