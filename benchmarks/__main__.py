@@ -33,6 +33,9 @@ TARGETS = [
     ("generate_vllm_vs_raw", "ratio.median", ">=", 0.8, "stepdpo generate --backend vllm / raw batched requests, samples/s"),
     ("trainer_vs_trl", "ratio.median", "<=", 1.05, "StepwiseDPOTrainer (dpo) / trl.DPOTrainer time per step"),
     ("precompute_vs_live", "ratio.median", "<=", 0.75, "time per step, precomputed / live reference"),
+    ("prefix_sharing_long", "ratio.median", "<=", 0.6, "prefix sharing / trl.DPOTrainer time per step, prompts ~8x a step"),
+    ("prefix_sharing_long", "memory_ratio.median", "<=", 0.75, "prefix sharing / trl.DPOTrainer peak step memory, prompts ~8x a step"),
+    ("prefix_sharing_short", "ratio.median", "<=", 1.05, "prefix sharing / trl.DPOTrainer time per step, prompts ~1.4x a step"),
 ]
 
 
@@ -101,7 +104,7 @@ def render(results: dict, mach: dict, quick: bool) -> str:
             continue
         value = _get(r, key)
         spread = _get(r, key.rsplit(".", 1)[0]) if key.endswith(".median") else None
-        shown = f"{value:.3f}" + (f" [{spread['min']:.3f}-{spread['max']:.3f}]" if spread else "")
+        shown = f"{value:.3f}" + (f" [{spread['min']:.3f}-{spread['max']:.3f}]" if spread and "min" in spread else "")
         met = value <= goal if op == "<=" else value >= goal
         lines.append(f"| {what} | {shown} | {op} {goal} | {'yes' if met else '**no**'} | {r.get('peak_rss_mib', 0):.0f} MiB |")
     plans = results.get("plans_7b", {})

@@ -309,6 +309,75 @@ def precompute_vs_live(quick: bool) -> dict:
             "build_with_precompute_s": _stats(precompute_s), "ratio": _ratio(pre_t, live_t)}
 
 
+def _shaped_pairs(model: Path, prefix_steps: int, n: int = 160, terse: bool = False) -> tuple[Path, float]:
+    """Step pairs in the one schema whose prompt is `prefix_steps` earlier steps long (plus the problem), and the
+    measured ratio of prompt tokens to step tokens (medians, through the trainer's renderer and tokenizer)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from stepdpo.data.pairs import make_pair, render_pair, write_jsonl
+
+    rng = random.Random(0)
+    pairs = []
+    for i in range(n):
+        value = rng.randint(1, 9)
+        steps = []
+        for _ in range(prefix_steps + 1):
+            b = rng.randint(1, 9)
+            steps.append(f"{value} + {b} = {value + b}")
+            value += b
+        problem = (f"Add {b}." if terse else
+                   f"Start with {steps[0].split()[0]}. Add the numbers in turn. What is the result?")
+        wrong = steps[-1].rsplit("=", 1)[0] + f"= {value + rng.randint(1, 5)}"
+        pairs.append(make_pair(kind="step", problem=problem, prefix_steps=steps[:-1], chosen_steps=[steps[-1]],
+                               rejected_steps=[wrong], source=[{"file": "benchmark", "line": i}]))
+    out = Path(tempfile.mkdtemp()) / "pairs.jsonl"
+    write_jsonl(out, pairs)
+    tok = AutoTokenizer.from_pretrained(model)
+    prompt_len = [len(tok(render_pair(p)[0])["input_ids"]) for p in pairs]
+    step_len = [len(tok(render_pair(p)[1], add_special_tokens=False)["input_ids"]) for p in pairs]
+    return out, statistics.median(prompt_len) / statistics.median(step_len)
+
+
+def _prefix_sharing(quick: bool, prefix_steps: int, terse: bool = False) -> dict:
+    """stepdpo (prefix sharing on) vs trl.DPOTrainer on the same pairs: time per training step (back-to-back runs
+    in this process) and peak memory per step (each run in its own process; benchmarks/train_run.py)."""
+    import subprocess
+    import sys
+
+    from benchmarks.train_run import main as train_run
+
+    model = _tiny("mistral", hidden=384, layers=4, ffn=1344)  # Mistral's proportions (MLP 3.5x hidden)
+    pairs, ratio = _shaped_pairs(model, prefix_steps, terse=terse)
+    steps = 15 if quick else 40
+    spec = {"model": str(model), "pairs": str(pairs), "batch": 8}
+    t = {"trl": [], "stepdpo": []}
+    for rep in range(2 if quick else 3):
+        for which in ("trl", "stepdpo"):
+            t[which].append(train_run(dict(spec, trainer=which, steps=steps, memory=False))["step_s"])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    m = {}
+    for which in ("trl", "stepdpo"):
+        res = subprocess.run([sys.executable, "-m", "benchmarks.train_run", json.dumps(dict(spec, trainer=which, steps=8))],
+                             env=env, capture_output=True, text=True, cwd=REPO, check=True)
+        m[which] = json.loads(res.stdout.strip().splitlines()[-1])["step_peak_mib"]
+    return {"prompt_over_step_tokens": round(ratio, 2), "steps": steps, "batch": 8,
+            "trl_step_s": _stats(t["trl"]), "stepdpo_step_s": _stats(t["stepdpo"]), "ratio": _ratio(t["stepdpo"], t["trl"]),
+            "trl_step_peak_mib": m["trl"], "stepdpo_step_peak_mib": m["stepdpo"],
+            "memory_ratio": {"median": m["stepdpo"] / m["trl"]}}
+
+
+def prefix_sharing_long(quick: bool) -> dict:
+    """Prompts about 8x a step (the problem and 4 earlier steps): where step pairs spend their tokens."""
+    return _prefix_sharing(quick, prefix_steps=4)
+
+
+def prefix_sharing_short(quick: bool) -> dict:
+    """Prompts about 1.4x a step (a three-word problem, no earlier step): sharing must not cost time."""
+    return _prefix_sharing(quick, prefix_steps=0, terse=True)
+
+
 # --------------------------------------------------------------------------------------------- plans
 def plans_7b(quick: bool) -> dict:
     from stepdpo.plan import make_plan
@@ -331,6 +400,8 @@ CASES = {
     "generate_vllm_vs_raw": generate_vllm_vs_raw,
     "trainer_vs_trl": trainer_vs_trl,
     "precompute_vs_live": precompute_vs_live,
+    "prefix_sharing_long": prefix_sharing_long,
+    "prefix_sharing_short": prefix_sharing_short,
     "plans_7b": plans_7b,
 }
 

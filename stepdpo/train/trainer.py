@@ -108,7 +108,9 @@ class _Guard(TrainerCallback):
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         bad = trainer._nonfinite_loss_seen
         if grads and not bad:
-            bad = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            # One fused multi-tensor norm: a gradient holding inf or NaN has a non-finite norm. (A per-tensor
+            # isfinite().all() cost ~3% of a tiny model's step.)
+            bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         trainer._nonfinite_loss_seen = False
         if not self._any_rank(bad):
             self.in_a_row = 0
