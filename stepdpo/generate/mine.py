@@ -23,7 +23,13 @@ from stepdpo.data.pairs import DEFAULT_INSTRUCTION, make_pair, prompt_style, wri
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
 from stepdpo.generate.generate import HFGenerator, SampleCache, VLLMGenerator, make_units, run_generation
 from stepdpo.generate.problems import Problem, read_problems
+from stepdpo.errors import StepdpoError
 from stepdpo.options import REQUIRED, check, check_choice, opt
+from stepdpo.reward.vllm import VLLMError
+
+
+class MineError(StepdpoError, RuntimeError):
+    """A server failed mid-run; every generation so far is cached."""
 
 
 @dataclass
@@ -167,6 +173,9 @@ def mine(options: MineOptions, model=None) -> dict:
                 rollouts[(p.id, prefix)] = rows
         pairs = _pairs(located, rollouts, gold, options)
         stages["correct"] = round(time.perf_counter() - t, 2)
+    except VLLMError as e:  # every batch that arrived is in the cache: a re-run asks only for the rest
+        raise MineError(f"{e} ({len(sampler.cache.rows)} generations so far are cached in "
+                        f"{sampler.cache.path}; re-run the same command to resume)") from None
     finally:
         sampler.cache.close()
     write_jsonl(out / "pairs.jsonl", pairs)

@@ -215,3 +215,55 @@ def test_pipeline_validates_and_dry_runs(cluster, tiny_mistral, tmp_path):
     assert res.stderr.count("sbatch --parsable") == 5 and "--dependency afterok:\\<score\\>" in res.stderr
     assert "--nodes 2 --ntasks-per-node 1 --gpus-per-node 8" in res.stderr
     assert "squeue" not in res.stdout and not (tmp_path / "r" / "score_job_id").exists()
+
+
+def test_loop_runs_sft_then_two_rounds_of_mine_and_train(cluster, tiny_mistral, tmp_path):
+    """slurm/loop.sh with the shipped loop recipes, shrunk by overrides (a tiny Mistral on CPU, full-weight SFT
+    long enough to solve some problems, two DPO steps per round, mining in-process): sft -> mine1 -> train1 ->
+    mine2 -> train2, chained by afterok, all COMPLETED; round 2 mines with round 1's adapter merged into its base."""
+    from stepdpo.data.synthetic import SynthOptions, synth
+
+    synth(SynthOptions(out=str(tmp_path / "train.jsonl"), kind="problems", problems=300, seed=1, max_value=9))
+    sft_args = ("--use_cpu true --max_steps 500 --learning_rate 3e-3 --per_device_train_batch_size 16 "
+                "--gradient_accumulation_steps 1 --lr_scheduler_type constant --warmup_steps 0 --load_in_4bit false "
+                "--use_peft false --dtype float32 --bf16 false --gradient_checkpointing false --save_strategy no")
+    train_args = ("--use_cpu true --max_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+                  "--bnb_4bit_compute_dtype float32 --dtype float32 --bf16 false --gradient_checkpointing false")
+    mine_args = "--samples 4 --rollouts 4 --max-new-tokens 64 --limit 40 --temperature 1.0 --batch-size 32"
+    res = subprocess.run(["bash", str(REPO / "slurm" / "loop.sh"), "--run-dir", str(tmp_path / "run"), "--model",
+                          str(tiny_mistral), "--sft-data", str(tmp_path / "train.jsonl"), "--problems",
+                          str(tmp_path / "train.jsonl"), "--rounds", "2", "--cpu", "--mine-backend", "hf",
+                          "--sft-args", sft_args, "--train-args", train_args, "--mine-args", mine_args],
+                         env=cluster, capture_output=True, text=True, check=True)
+    ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
+    assert list(ids) == ["sft", "mine1", "train1", "mine2", "train2"]
+    for later, earlier in (("mine1", "sft"), ("train1", "mine1"), ("mine2", "train1"), ("train2", "mine2")):
+        assert ids[earlier] in job_field(cluster, ids[later], "Dependency")
+    logs = tmp_path / "run" / "logs"
+    state = wait_state(cluster, ids["train2"], timeout=900)
+    assert state == "COMPLETED", "\n".join(p.read_text()[-2500:] for p in sorted(logs.glob("*.out")))
+    run = tmp_path / "run"
+    for r in (1, 2):
+        report = json.loads((run / f"round{r}" / "mine" / "report.json").read_text())
+        assert report["pairs"] > 0 and report["problems"] == 40
+        assert (run / f"round{r}" / "train" / "final" / "adapter_model.safetensors").is_file()
+    assert (run / "round1" / "mine" / "policy").resolve() == (run / "sft" / "final").resolve()  # a full model: as is
+    assert (run / "round2" / "mine" / "policy").resolve() == (run / "round2" / "mine" / "merged").resolve()
+    saved = json.loads((run / "round2" / "train" / "final" / "stepdpo_config.json").read_text())
+    assert saved["loss_type"] == ["sigmoid", "sft"] and saved["model_name_or_path"] == str(run / "round2" / "mine" / "policy")
+
+
+def test_loop_validates_and_dry_runs_with_answer_jobs(cluster, tiny_mistral, tmp_path):
+    (tmp_path / "p.jsonl").write_text("{}\n")
+    bad = subprocess.run(["bash", str(REPO / "slurm" / "loop.sh"), "--run-dir", str(tmp_path / "run"), "--model", "m",
+                          "--problems", str(tmp_path / "p.jsonl"), "--sft-data", str(tmp_path / "missing.jsonl")],
+                         env=cluster, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sft-data" in bad.stderr and "no such file" in bad.stderr
+    res = subprocess.run(["bash", str(REPO / "slurm" / "loop.sh"), "--run-dir", str(tmp_path / "run"), "--model", "m",
+                          "--problems", str(tmp_path / "p.jsonl"), "--held-out", str(tmp_path / "p.jsonl"),
+                          "--skip-sft", "--rounds", "2", "--dry-run", "--nodes", "2"],
+                         env=cluster, capture_output=True, text=True, check=True)
+    assert res.stdout.split("\n")[0].split() == ["mine1=<mine1>", "train1=<train1>", "answers1=<answers1>",
+                                                 "mine2=<mine2>", "train2=<train2>", "answers2=<answers2>"]
+    assert res.stderr.count("slurm/mine.sbatch") == 2 and res.stderr.count("slurm/answers.sbatch") == 2
+    assert "--gpus-per-node 8" in res.stderr and "--dependency afterok:\\<train1\\>" in res.stderr

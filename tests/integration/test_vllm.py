@@ -201,3 +201,41 @@ def test_greedy_generation_is_token_identical_on_both_backends(servers, tiny_mis
         assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) > 0, (a["id"], a["text"], b["text"])
         assert a["finish_reason"] == b["finish_reason"]
     assert report["backend"] == "vllm" and report["generated"] == 10
+
+
+def test_mine_against_a_server_killed_and_restarted(servers, tiny_mistral_v1, tmp_path):
+    """`stepdpo mine` on a vLLM server that is killed mid-run: one line naming the server and how to resume;
+    after a restart the same command generates only what is missing, and a third run generates nothing and
+    writes the same pairs."""
+    from stepdpo.data.synthetic import SynthOptions, synth
+
+    synth(SynthOptions(out=str(tmp_path / "problems.jsonl"), kind="problems", problems=40, seed=4, max_value=9))
+    server = servers["judge"]
+    out = tmp_path / "mined"
+    cache = out / "mine_cache.jsonl"
+    cmd = [sys.executable, "-m", "stepdpo.cli", "mine", "--problems", str(tmp_path / "problems.jsonl"), "--model",
+           str(tiny_mistral_v1), "--out", str(out), "--backend", "vllm", "--url", server.url, "--samples", "4",
+           "--rollouts", "2", "--max-new-tokens", "24", "--batch-size", "4", "--concurrency", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 40):
+        time.sleep(0.1)
+    server.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert server.url in err and "re-run the same command to resume" in err and "Traceback" not in err
+    cached = len(cache.read_text().splitlines())
+    assert cached >= 40
+
+    server.start().wait()  # same port, same URL
+    subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["cache_hits"] >= cached  # nothing that arrived before the kill was asked for again
+    total = len(cache.read_text().splitlines())
+    assert resumed["generations"] == total - cached and resumed["generations"] > 0
+    first_pairs = (out / "pairs.jsonl").read_text()
+
+    subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
+    again = json.loads((out / "report.json").read_text())
+    assert again["generations"] == 0 and again["cache_hits"] == total
+    assert (out / "pairs.jsonl").read_text() == first_pairs
