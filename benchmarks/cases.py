@@ -350,16 +350,16 @@ def _prefix_sharing(quick: bool, prefix_steps: int, terse: bool = False) -> dict
 
     model = _tiny("mistral", hidden=384, layers=4, ffn=1344)  # Mistral's proportions (MLP 3.5x hidden)
     pairs, ratio = _shaped_pairs(model, prefix_steps, terse=terse)
-    steps = 15 if quick else 40
+    steps = 10 if quick else 40
     spec = {"model": str(model), "pairs": str(pairs), "batch": 8}
     t = {"trl": [], "stepdpo": []}
-    for rep in range(2 if quick else 3):
+    for rep in range(1 if quick else 3):
         for which in ("trl", "stepdpo"):
             t[which].append(train_run(dict(spec, trainer=which, steps=steps, memory=False))["step_s"])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     m = {}
     for which in ("trl", "stepdpo"):
-        res = subprocess.run([sys.executable, "-m", "benchmarks.train_run", json.dumps(dict(spec, trainer=which, steps=8))],
+        res = subprocess.run([sys.executable, "-m", "benchmarks.train_run", json.dumps(dict(spec, trainer=which, steps=6 if quick else 8))],
                              env=env, capture_output=True, text=True, cwd=REPO, check=True)
         m[which] = json.loads(res.stdout.strip().splitlines()[-1])["step_peak_mib"]
     return {"prompt_over_step_tokens": round(ratio, 2), "steps": steps, "batch": 8,
