@@ -193,7 +193,9 @@ class SampleCache:
         self.path = path
         self.rows: dict[str, dict] = {}
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            # split on "\n" only: str.splitlines also breaks at U+2028, U+0085 and other separators a model's text
+            # can hold (JSON keeps them raw with ensure_ascii=False), which lost those samples on every re-run
+            for line in path.read_text(encoding="utf-8").split("\n"):
                 try:
                     row = json.loads(line)
                     if isinstance(row.get("key"), str) and isinstance(row.get("text"), str):

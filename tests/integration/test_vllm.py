@@ -218,20 +218,23 @@ def test_mine_against_a_server_killed_and_restarted(servers, tiny_mistral_v1, tm
            "--rollouts", "2", "--max-new-tokens", "24", "--batch-size", "4", "--concurrency", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 40):
+    def lines():  # JSON Lines end at "\n" only: a sample's text may hold U+2028 and the like
+        return cache.read_text(encoding="utf-8").count("\n") if cache.exists() else 0
+
+    while time.monotonic() < deadline and lines() < 40:
         time.sleep(0.1)
     server.kill()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert server.url in err and "re-run the same command to resume" in err and "Traceback" not in err
-    cached = len(cache.read_text().splitlines())
+    cached = lines()
     assert cached >= 40
 
     server.start().wait()  # same port, same URL
     subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
     resumed = json.loads((out / "report.json").read_text())
     assert resumed["cache_hits"] >= cached  # nothing that arrived before the kill was asked for again
-    total = len(cache.read_text().splitlines())
+    total = lines()
     assert resumed["generations"] == total - cached and resumed["generations"] > 0
     first_pairs = (out / "pairs.jsonl").read_text()
 
