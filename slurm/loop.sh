@@ -14,7 +14,7 @@
 #           --answer-samples K (1), --skip-sft (--model is already a step-by-step solver)
 # Recipes:  --sft-recipe YAML (configs/recipes/mistral-7b/sft_qlora_zero3.yaml),
 #           --recipe YAML (configs/recipes/mistral-7b/loop_dpo_qlora_zero3.yaml),
-#           --mine-config YAML (configs/recipes/mistral-7b/mine.yaml), --mine-backend vllm|hf (vllm)
+#           --mine-config YAML (configs/stages/mistral-7b/mine.yaml), --mine-backend vllm|hf (vllm)
 # Overrides (shell-quoted text): --sft-args "...", --train-args "...", --mine-args "..."
 # Resources: --mode zero3|zero2|zero3-offload|ddp|cpu-ddp (zero3), --nodes N (1), --gpus-per-node G (8),
 #           --mine-gpus G (= --gpus-per-node; the policy's vLLM server), --eval-gpus G (1), --hf-token-file F
@@ -31,7 +31,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 RUN_DIR=""; MODEL=""; SFT_DATA=""; PROBLEMS=""; HELD_OUT=""; ROUNDS=2; ANSWER_SAMPLES=1; SKIP_SFT=0
 SFT_RECIPE=$REPO/configs/recipes/mistral-7b/sft_qlora_zero3.yaml
 RECIPE=$REPO/configs/recipes/mistral-7b/loop_dpo_qlora_zero3.yaml
-MINE_CONFIG=$REPO/configs/recipes/mistral-7b/mine.yaml; MINE_BACKEND=vllm
+MINE_CONFIG=$REPO/configs/stages/mistral-7b/mine.yaml; MINE_BACKEND=vllm
 SFT_ARGS=""; TRAIN_ARGS=""; MINE_ARGS=""
 MODE=zero3; NODES=1; GPUS=8; MINE_GPUS=""; EVAL_GPUS=1; TOKEN_FILE=""
 PARTITION=""; ACCOUNT=""; QOS=""; T_SFT=24:00:00; T_MINE=12:00:00; T_TRAIN=24:00:00; T_EVAL=04:00:00

@@ -16,3 +16,19 @@ def test_deepspeed_configs_use_the_standard_multinode_launcher(path):
     if cfg["distributed_type"] == "DEEPSPEED":
         # pdsh (accelerate's default) needs a hostfile; without one every node trains alone
         assert cfg["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+
+
+
+STAGE_CONFIGS = sorted((ACC.parent / "stages").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_stage_configs_parse_as_their_stage(path, tmp_path):
+    """configs/stages/<model>/<stage>.yaml are `--config` files of one stage (what slurm/loop.sh passes): every key
+    is an option of that stage and arrives with its value."""
+    from stepdpo.cli import parse
+
+    options, _ = parse(path.stem, ["--config", str(path), "--problems", "p.jsonl", "--model", "m",
+                                   "--out", str(tmp_path)])
+    given = yaml.safe_load(path.read_text())
+    assert given and {k: getattr(options, k) for k in given} == given
