@@ -34,21 +34,20 @@ class GenerateError(StepdpoError):
 
 
 @dataclass
-class GenerateOptions:
+class PolicyOptions:
+    """What `generate` and `mine` share: the problems, the policy and where it runs (in this process or on vLLM
+    servers), how prompts are rendered (as in training), and the sampling settings with the same defaults. Each
+    stage restates `problems`, `model` and `out` with its own help and adds what is its own."""
+
     problems: str = opt(REQUIRED, "Problem file (MATH, GSM8K, PRM800K or stepdpo layouts).")
     model: str = opt(REQUIRED, "Policy: a model directory or hub id (for vllm: the one the server serves).")
-    out: str = opt(REQUIRED, "Output directory: samples.jsonl, report.json, generate_cache.jsonl.")
-    backend: str = opt("hf", "hf: transformers generate in this process; vllm: batched /v1/completions requests.",
-                       choices=("hf", "vllm"))
-    n: int = opt(1, "Samples per problem.")
-    temperature: float = opt(0.0, "0 = greedy.")
+    out: str = opt(REQUIRED, "Output directory.")
+    backend: str = opt("hf", "hf: transformers generate in this process; vllm: batched /v1/completions requests to "
+                       "the servers at --url.", choices=("hf", "vllm"))
     top_p: float = opt(1.0, "Nucleus sampling.")
     seed: int = opt(0, "Sampling seed.")
-    max_new_tokens: int = opt(256, "Most tokens per solution.")
-    stop: list[str] = opt(factory=list, help="Stop strings (the text ends before them), besides EOS.")
     limit: int | None = opt(None, "Only the first N problems.")
-    batch_size: int = opt(16, "Prompts per forward pass / per request.")
-    url: list[str] = opt(factory=list, help="vLLM server URL(s).")
+    url: list[str] = opt(factory=list, help="vLLM server URL(s) serving the policy.")
     served_model_name: str | None = opt(None, "Model name the vLLM server knows (default: --model).")
     api_key_env: str = opt("STEPDPO_API_KEY", "Environment variable holding the server API key.")
     api_key_file: str | None = opt(None, "File holding the server API key.")
@@ -61,14 +60,45 @@ class GenerateOptions:
     dtype: str = opt("auto", "hf: weights dtype (auto: bfloat16 on a GPU that has it, else float32).",
                      choices=("auto", "float32", "bfloat16", "float16"))
     hf_token_file: str | None = opt(None, "File holding a Hugging Face token.")
-    progress: bool = opt(True, "Show a progress bar.")
+    progress: bool = opt(True, "Show progress bars.")
 
-    def __post_init__(self):
+    def _check_policy(self):
         check_choice(self.backend, "backend", ("hf", "vllm"))
         check(self.backend != "vllm" or bool(self.url), "url", "--backend vllm needs at least one --url")
+
+
+@dataclass
+class GenerateOptions(PolicyOptions):
+    problems: str = opt(REQUIRED, "Problem file (MATH, GSM8K, PRM800K or stepdpo layouts).")
+    model: str = opt(REQUIRED, "Policy: a model directory or hub id (for vllm: the one the server serves).")
+    out: str = opt(REQUIRED, "Output directory: samples.jsonl, report.json, generate_cache.jsonl.")
+    n: int = opt(1, "Samples per problem.")
+    temperature: float = opt(0.0, "0 = greedy.")
+    max_new_tokens: int = opt(256, "Most tokens per solution.")
+    stop: list[str] = opt(factory=list, help="Stop strings (the text ends before them), besides EOS.")
+    batch_size: int = opt(16, "Prompts per forward pass / per request.")
+
+    def __post_init__(self):
+        self._check_policy()
         check(self.n >= 1 and self.batch_size >= 1 and self.max_new_tokens >= 1, "n",
               "n, batch_size and max_new_tokens must be >= 1")
         check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature", "needs temperature >= 0, 0 < top_p <= 1")
+
+
+def open_policy(options: PolicyOptions, settings: dict, model=None):
+    """The policy's tokenizer, prompt style, identity (the cache key's model part: the model's files or hub commit,
+    the sampling settings, the prompt style) and generator, for `generate` and `mine` alike."""
+    from stepdpo.auth import resolve_token
+    from stepdpo.identity import model_identity
+    from stepdpo.train.modeling import load_tokenizer
+
+    token = resolve_token(options.hf_token_file).value
+    tokenizer = load_tokenizer(options.model, None, token)
+    style = prompt_style(tokenizer, options.chat_template, options.system_prompt, options.instruction)
+    identity = json.dumps([model_identity(options.model, token), settings, style.key()])
+    generator = (HFGenerator(options.model, tokenizer, token, options.dtype, model=model) if options.backend == "hf"
+                 else VLLMGenerator(options, tokenizer))
+    return tokenizer, style, identity, generator
 
 
 @dataclass(frozen=True)
@@ -140,7 +170,7 @@ class HFGenerator:
 class VLLMGenerator:
     """The same vLLM client as scoring (retries, timeouts, per-URL caps, failover, API key)."""
 
-    def __init__(self, options: GenerateOptions, tokenizer):
+    def __init__(self, options: PolicyOptions, tokenizer):
         from stepdpo.reward.score import _api_key
         from stepdpo.reward.vllm import VLLMClient, VLLMError
 
@@ -268,22 +298,13 @@ def run_generation(units: list[Unit], generator, settings: dict, cache: SampleCa
 
 def generate(options: GenerateOptions, model=None) -> dict:
     """Sample step-formatted solutions for a problem file. `model` (Python callers): an already loaded policy."""
-    from stepdpo.auth import resolve_token
-    from stepdpo.identity import model_identity
-    from stepdpo.train.modeling import load_tokenizer
-
     problems, rejects = read_problems(options.problems)
     if options.limit:
         problems = problems[: options.limit]
-    token = resolve_token(options.hf_token_file).value
-    tokenizer = load_tokenizer(options.model, None, token)
-    style = prompt_style(tokenizer, options.chat_template, options.system_prompt, options.instruction)
     settings = {k: getattr(options, k) for k in ("temperature", "top_p", "seed", "max_new_tokens", "stop")}
-    identity = json.dumps([model_identity(options.model, token), settings, style.key()])
+    tokenizer, style, identity, generator = open_policy(options, settings, model)
     units = make_units(problems, tokenizer, style, options.n, identity)
     out = Path(options.out)
-    generator = (HFGenerator(options.model, tokenizer, token, options.dtype, model=model) if options.backend == "hf"
-                 else VLLMGenerator(options, tokenizer))
     cache = SampleCache(out / "generate_cache.jsonl")
     try:
         counts = run_generation(units, generator, settings, cache, batch_size=options.batch_size,

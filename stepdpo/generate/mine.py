@@ -19,9 +19,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepdpo.data.pairs import DEFAULT_INSTRUCTION, make_pair, prompt_style, write_jsonl
+from stepdpo.data.pairs import make_pair, write_jsonl
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
-from stepdpo.generate.generate import HFGenerator, SampleCache, VLLMGenerator, make_units, run_generation
+from stepdpo.generate.generate import PolicyOptions, SampleCache, make_units, open_policy, run_generation
 from stepdpo.generate.problems import Problem, read_problems
 from stepdpo.errors import StepdpoError
 from stepdpo.options import REQUIRED, check, check_choice, opt
@@ -33,7 +33,7 @@ class MineError(StepdpoError, RuntimeError):
 
 
 @dataclass
-class MineOptions:
+class MineOptions(PolicyOptions):
     problems: str = opt(REQUIRED, "Training problems with reference answers (never the held-out ones).")
     model: str = opt(REQUIRED, "The policy (after `sft`): a model directory or hub id.")
     out: str = opt(REQUIRED, "Output directory: pairs.jsonl, report.json, mine_cache.jsonl.")
@@ -46,37 +46,20 @@ class MineOptions:
                                     "must reach it at least this often (a correct answer reached through a wrong step "
                                     "by luck is not a chosen step). 0 turns the check off.")
     temperature: float = opt(0.8, "Sampling temperature (solutions and continuations).")
-    top_p: float = opt(1.0, "Nucleus sampling.")
-    seed: int = opt(0, "Sampling seed.")
     max_new_tokens: int = opt(128, "Most tokens per solution or continuation.")
     batch_size: int = opt(32, "Prompts per forward pass / per request.")
-    limit: int | None = opt(None, "Only the first N problems.")
-    backend: str = opt("hf", "Generation: hf (in-process) or vllm (servers at --url).", choices=("hf", "vllm"))
-    url: list[str] = opt(factory=list, help="vLLM server URL(s) serving the policy.")
-    served_model_name: str | None = opt(None, "Model name the vLLM server knows (default: --model).")
-    api_key_env: str = opt("STEPDPO_API_KEY", "Environment variable holding the server API key.")
-    api_key_file: str | None = opt(None, "File holding the server API key.")
-    concurrency: int = opt(4, "Requests in flight per vLLM server.")
-    timeout: float = opt(300.0, "vLLM read timeout in seconds.")
-    health_timeout: float = opt(10.0, "Seconds to wait for /health at start.")
     reward_model: str | None = opt(None, "--locate prm: the process reward model.")
     reward_backend: str = opt("hf", "--locate prm: hf or vllm (servers at --reward-url).", choices=("hf", "vllm"))
     reward_url: list[str] = opt(factory=list, help="--locate prm with the vllm backend: the PRM server URL(s).")
     prm_threshold: float = opt(0.5, "--locate prm: the first step whose reward is below this is the error.")
     prm_step_tag: str = opt(" ки", "--locate prm: the PRM's step tag.")
     prm_head: str = opt("lm", "--locate prm: lm (good/bad token logits) or classifier.", choices=("lm", "classifier"))
-    chat_template: str = opt("auto", "As in training: auto, always or never.", choices=("auto", "always", "never"))
-    system_prompt: str | None = opt(None, "As in training.")
-    instruction: str = opt(DEFAULT_INSTRUCTION, "As in training.")
-    dtype: str = opt("auto", "hf: weights dtype.", choices=("auto", "float32", "bfloat16", "float16"))
-    hf_token_file: str | None = opt(None, "File holding a Hugging Face token.")
-    progress: bool = opt(True, "Show progress bars.")
 
     def __post_init__(self):
+        self._check_policy()
         check_choice(self.locate, "locate", ("rollout", "prm"))
         check(self.samples >= 1 and self.rollouts >= 1 and self.max_wrong >= 1, "samples",
               "samples, rollouts and max_wrong must be >= 1")
-        check(self.backend != "vllm" or bool(self.url), "url", "--backend vllm needs --url")
         check(self.locate != "prm" or bool(self.reward_model), "reward_model", "--locate prm needs --reward-model")
         check(self.reward_backend != "vllm" or bool(self.reward_url), "reward_url",
               "--reward-backend vllm needs --reward-url")
@@ -86,18 +69,9 @@ class _Sampler:
     """Draws samples through one generator and one cache; counts the generations spent."""
 
     def __init__(self, options: MineOptions, model=None):
-        from stepdpo.auth import resolve_token
-        from stepdpo.identity import model_identity
-        from stepdpo.train.modeling import load_tokenizer
-
-        token = resolve_token(options.hf_token_file).value
-        self.tokenizer = load_tokenizer(options.model, None, token)
-        self.style = prompt_style(self.tokenizer, options.chat_template, options.system_prompt, options.instruction)
         self.settings = {"temperature": options.temperature, "top_p": options.top_p, "seed": options.seed,
                          "max_new_tokens": options.max_new_tokens, "stop": []}
-        self.identity = json.dumps([model_identity(options.model, token), self.settings, self.style.key()])
-        self.generator = (HFGenerator(options.model, self.tokenizer, token, options.dtype, model=model)
-                          if options.backend == "hf" else VLLMGenerator(options, self.tokenizer))
+        self.tokenizer, self.style, self.identity, self.generator = open_policy(options, self.settings, model)
         self.cache = SampleCache(Path(options.out) / "mine_cache.jsonl")
         self.batch_size, self.progress = options.batch_size, options.progress
         self.generated = self.cache_hits = 0
