@@ -28,6 +28,8 @@ usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "loop.sh: $*" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=slurm/lib.sh
+source "$REPO/slurm/lib.sh"
 RUN_DIR=""; MODEL=""; SFT_DATA=""; PROBLEMS=""; HELD_OUT=""; ROUNDS=2; ANSWER_SAMPLES=1; SKIP_SFT=0
 SFT_RECIPE=$REPO/configs/recipes/mistral-7b/sft_qlora_zero3.yaml
 RECIPE=$REPO/configs/recipes/mistral-7b/loop_dpo_qlora_zero3.yaml
@@ -90,12 +92,8 @@ fi
 [[ -z $MINE_CONFIG || -f $MINE_CONFIG ]] || die "--mine-config $MINE_CONFIG: no such file"
 [[ $MINE_BACKEND =~ ^(vllm|hf)$ ]] || die "--mine-backend must be vllm or hf"
 [[ $MODE =~ ^(zero3|zero2|zero3-offload|ddp|cpu|cpu-ddp|cpu-zero3)$ ]] || die "--mode $MODE is not a launch/train.sh mode"
-for n in ROUNDS NODES GPUS EVAL_GPUS ANSWER_SAMPLES; do
-  [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "--${n,,} must be a positive integer"
-done
-for t in T_SFT T_MINE T_TRAIN T_EVAL; do
-  [[ ${!t} =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "time limit '${!t}' is not SLURM's [D-]HH:MM:SS"
-done
+check_positive ROUNDS NODES GPUS EVAL_GPUS ANSWER_SAMPLES
+check_times T_SFT T_MINE T_TRAIN T_EVAL
 [[ -z $TOKEN_FILE || -f $TOKEN_FILE ]] || die "--hf-token-file $TOKEN_FILE: no such file"
 if [[ $CPU == 1 && $MODE != cpu* ]]; then MODE=cpu-ddp; fi
 if [[ $CPU == 0 && $MODE == cpu* ]]; then die "--mode $MODE needs --cpu"; fi
@@ -105,15 +103,7 @@ eval "TRAIN_ARGV=($TRAIN_ARGS)" 2>/dev/null || die "--train-args: unbalanced quo
 eval "MINE_ARGV=($MINE_ARGS)" 2>/dev/null || die "--mine-args: unbalanced quotes in '$MINE_ARGS'"
 
 abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
-env_setup() {
-  case "$1" in
-    "") echo "true";;
-    venv:*) echo "source ${1#venv:}/bin/activate";;
-    conda:*) echo "eval \"\$(conda shell.bash hook)\" && conda activate ${1#conda:}";;
-    cmd:*) echo "${1#cmd:}";;
-    *) die "--env/--vllm-env '$1': use venv:PATH, conda:NAME or cmd:CODE";;
-  esac
-}
+[[ $ENV_SPEC != container:* ]] || die "--env container:IMAGE: loop.sh runs no srun; use venv:PATH, conda:NAME or cmd:CODE"
 ENV_SETUP=$(env_setup "$ENV_SPEC")
 VLLM_PY=""; [[ $VLLM_ENV_SPEC == venv:* ]] && VLLM_PY="${VLLM_ENV_SPEC#venv:}/bin/python"
 [[ -z $VLLM_ENV_SPEC || -n $VLLM_PY ]] || die "--vllm-env: use venv:PATH (the server runs that environment's python)"
@@ -123,23 +113,7 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 PROBLEMS=$(abspath "$PROBLEMS"); RECIPE=$(abspath "$RECIPE")
 [[ -n $HELD_OUT ]] && HELD_OUT=$(abspath "$HELD_OUT")
 [[ -n $MINE_CONFIG ]] && MINE_CONFIG=$(abspath "$MINE_CONFIG")
-COMMON=(--parsable --chdir "$REPO")
-[[ -n $PARTITION ]] && COMMON+=(--partition "$PARTITION")
-[[ -n $ACCOUNT ]] && COMMON+=(--account "$ACCOUNT")
-[[ -n $QOS ]] && COMMON+=(--qos "$QOS")
-
-submit() {  # submit NAME ENV... -- SBATCH_ARGS... ; echoes the job id (or a placeholder in --dry-run)
-  local name=$1; shift
-  local envs=()
-  while [[ $1 != -- ]]; do envs+=("$1"); shift; done
-  shift
-  if [[ $DRY == 1 ]]; then
-    printf '%q ' env "${envs[@]}" sbatch "$@" >&2; echo >&2
-    echo "<$name>"
-  else
-    env "${envs[@]}" sbatch "$@"
-  fi
-}
+common_args
 
 TRAIN_RES=(); MINE_RES=(--cpus-per-task 1); EVAL_RES=(--cpus-per-task 1); SERVE_ARGS="--cpu"
 if [[ $CPU == 0 ]]; then

@@ -30,6 +30,8 @@ usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "pipeline.sh: $*" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=slurm/lib.sh
+source "$REPO/slurm/lib.sh"
 RUN_DIR=""; INPUTS=(); MODEL=""; RM=""; RECIPE=""; FORMAT=prm800k; TEST_FRACTION=0.1; SEED=0
 METHOD=judge; REPLICAS=1; REWARD_GPUS=""; SERVE_ARGS=""; API_KEY_FILE=""
 MODE=zero3; NODES=1; GPUS=8; TRAIN_ARGS=""; TOKEN_FILE=""
@@ -93,10 +95,8 @@ for f in "${INPUTS[@]}"; do [[ -f $f ]] || die "--input $f: no such file"; done
 [[ $FORMAT =~ ^(prm800k|step-dpo|steps|trl)$ ]] || die "--format must be prm800k, step-dpo, steps or trl"
 [[ $METHOD =~ ^(judge|prm)$ ]] || die "--method must be judge or prm"
 [[ $MODE =~ ^(zero3|zero2|zero3-offload|ddp|cpu|cpu-ddp|cpu-zero3)$ ]] || die "--mode $MODE is not a launch/train.sh mode"
-for n in NODES GPUS REPLICAS; do [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "--${n,,} must be a positive integer"; done
-for t in T_PREP T_REWARD T_SCORE T_TRAIN T_EVAL; do
-  [[ ${!t} =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "time limit '${!t}' is not SLURM's [D-]HH:MM:SS"
-done
+check_positive NODES GPUS REPLICAS
+check_times T_PREP T_REWARD T_SCORE T_TRAIN T_EVAL
 [[ $TEST_FRACTION =~ ^0?\.[0-9]+$ ]] || die "--test-fraction must be in (0, 1)"
 if [[ $CPU == 1 && $MODE != cpu* ]]; then MODE=cpu-ddp; fi
 if [[ $CPU == 0 && $MODE == cpu* ]]; then die "--mode $MODE needs --cpu"; fi
@@ -134,17 +134,6 @@ fi
 STEP_LOSS=$(recipe_value step_loss dpo)
 if [[ $STEP_LOSS == dpo ]]; then EVAL_DURING=(--eval_pairs "RUN_DIR_PLACEHOLDER/pairs/test/pairs.jsonl"); else EVAL_DURING=(--eval_strategy no); fi
 
-env_setup() {  # an --env spec -> shell code (or srun args, for containers)
-  local spec=$1
-  case "$spec" in
-    "") echo "true";;
-    venv:*) echo "source ${spec#venv:}/bin/activate";;
-    conda:*) echo "eval \"\$(conda shell.bash hook)\" && conda activate ${spec#conda:}";;
-    cmd:*) echo "${spec#cmd:}";;
-    container:*) echo "true";;
-    *) die "--env/--vllm-env '$spec': use venv:PATH, conda:NAME, cmd:CODE or container:IMAGE";;
-  esac
-}
 srun_args() { [[ $1 == container:* ]] && echo "--container-image=${1#container:} --container-mounts=$REPO:$REPO,$(cd "$(dirname "$RUN_DIR")" && pwd)"; true; }
 ENV_SETUP=$(env_setup "$ENV_SPEC")
 VLLM_SETUP=$(env_setup "$VLLM_ENV_SPEC")
@@ -155,23 +144,7 @@ EVAL_DURING=("${EVAL_DURING[@]/RUN_DIR_PLACEHOLDER/$RUN_DIR}")
 mkdir -p "$RUN_DIR/logs"
 rm -f "$RUN_DIR/score_job_id"
 
-COMMON=(--parsable --chdir "$REPO")
-[[ -n $PARTITION ]] && COMMON+=(--partition "$PARTITION")
-[[ -n $ACCOUNT ]] && COMMON+=(--account "$ACCOUNT")
-[[ -n $QOS ]] && COMMON+=(--qos "$QOS")
-
-submit() {  # submit NAME ENV... -- SBATCH_ARGS... ; echoes the job id (or a placeholder in --dry-run)
-  local name=$1; shift
-  local envs=()
-  while [[ $1 != -- ]]; do envs+=("$1"); shift; done
-  shift
-  if [[ $DRY == 1 ]]; then
-    printf '%q ' env "${envs[@]}" sbatch "$@" >&2; echo >&2
-    echo "<$name>"
-  else
-    env "${envs[@]}" sbatch "$@"
-  fi
-}
+common_args
 
 GPU_ARGS=(); REWARD_GPU_ARGS=(); EVAL_RES=(--cpus-per-task 1); TRAIN_RES=()
 if [[ $CPU == 0 ]]; then
