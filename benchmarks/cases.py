@@ -230,22 +230,6 @@ def _pairs_file(n_problems: int) -> Path:
     return tmp / "pairs" / "pairs.jsonl"
 
 
-class _StepTimes:
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        times = self.times = []
-
-        class CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                times.append(time.perf_counter() - self.t)
-
-        self.callback = CB()
-
-
 def _common(steps: int, out: str) -> dict:
     return dict(output_dir=out, beta=0.1, learning_rate=1e-4, max_steps=steps, per_device_train_batch_size=8,
                 logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True, seed=0,
@@ -254,39 +238,22 @@ def _common(steps: int, out: str) -> dict:
 
 def trainer_vs_trl(quick: bool) -> dict:
     """Time per training step: StepwiseDPOTrainer (dpo mode, append_eos) vs trl.DPOTrainer, same everything."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    from stepdpo.train.config import StepwiseDPOConfig
-    from stepdpo.data.pairs import read_pairs, render_pair
-    from stepdpo.train.run import build_trainer
+    from benchmarks.train_run import main as train_run
 
     model = _tiny("mistral", hidden=384, layers=4, ffn=1344)  # Mistral's proportions (MLP 3.5x hidden)
     pairs_path = _pairs_file(200)
-    pairs = read_pairs(pairs_path)
     steps = 25 if quick else 60
-    rows = [render_pair(p) for p in pairs]
-    ds = Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows],
-                            "rejected": [r[2] for r in rows]})
+    spec = {"model": str(model), "pairs": str(pairs_path), "steps": steps, "batch": 8, "memory": False, "warmup": 5}
     ours_t, trl_t = [], []
     for rep in range(2 if quick else 3):
-        timer = _StepTimes()
-        t = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=DPOConfig(**_common(steps, tempfile.mkdtemp())),
-                       train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(model), callbacks=[timer.callback])
-        t.train()
-        trl_t.append(statistics.median(timer.times[5:]))
-        timer = _StepTimes()
-        ours = build_trainer(StepwiseDPOConfig(model_name_or_path=str(model), train_pairs=str(pairs_path),
-                                               append_eos=True, **_common(steps, tempfile.mkdtemp())))
-        ours.add_callback(timer.callback)
-        ours.train()
-        ours_t.append(statistics.median(timer.times[5:]))
+        trl_t.append(train_run(dict(spec, trainer="trl"))["step_s"])
+        ours_t.append(train_run(dict(spec, trainer="stepdpo"))["step_s"])
     return {"steps": steps, "trl_step_s": _stats(trl_t), "stepdpo_step_s": _stats(ours_t), "ratio": _ratio(ours_t, trl_t)}
 
 
 def precompute_vs_live(quick: bool) -> dict:
     """Time per step after the reference log-probs are precomputed vs with a live reference model."""
+    from benchmarks.train_run import StepMeter
     from stepdpo.train.config import StepwiseDPOConfig
     from stepdpo.train.run import build_trainer
 
@@ -296,7 +263,7 @@ def precompute_vs_live(quick: bool) -> dict:
     live_t, pre_t, precompute_s = [], [], []
     for rep in range(2 if quick else 3):
         for precompute in (False, True):
-            timer = _StepTimes()
+            timer = StepMeter(memory=False)
             t0 = time.perf_counter()
             tr = build_trainer(StepwiseDPOConfig(model_name_or_path=str(model), train_pairs=str(pairs_path),
                                                  precompute_ref_log_probs=precompute, **_common(steps, tempfile.mkdtemp())))

@@ -2,6 +2,8 @@
 
     python -m benchmarks.train_run '{"trainer": "trl"|"stepdpo", "model": DIR, "pairs": FILE, "steps": N, ...}'
 
+Also called in-process (`main`) for time-only runs, by the trainer and prefix-sharing cases.
+
 Prints one JSON line: per-step seconds (median after warm-up) and, with "memory" (the default), per-step peak
 memory (MiB above the memory held before the step). Timing runs are called in-process instead (`main`), since
 the allocator settings below slow every allocation. Peak memory on CPU: the parent starts this process with MALLOC_MMAP_THRESHOLD_ fixed, so every tensor of any
@@ -65,10 +67,11 @@ def main(spec: dict) -> dict:
     from stepdpo.train.config import StepwiseDPOConfig
     from stepdpo.train.run import build_trainer
 
-    common = dict(output_dir=tempfile.mkdtemp(), beta=0.1, learning_rate=1e-4, max_steps=spec["steps"],
-                  per_device_train_batch_size=spec["batch"], logging_steps=10_000, save_strategy="no",
-                  report_to="none", use_cpu=True, seed=0, gradient_checkpointing=False, disable_tqdm=True, bf16=False)
+    from benchmarks.cases import _common
+
+    common = dict(_common(spec["steps"], tempfile.mkdtemp()), per_device_train_batch_size=spec.get("batch", 8))
     memory = spec.get("memory", True)
+    warmup = spec.get("warmup", WARMUP)
     meter = StepMeter(memory)
     if spec["trainer"] == "trl":
         rows = [render_pair(p) for p in read_pairs(spec["pairs"])]
@@ -83,9 +86,9 @@ def main(spec: dict) -> dict:
                                                   **common))
         trainer.add_callback(meter.callback)
     trainer.train()
-    out = {"step_s": statistics.median(meter.times[WARMUP:])}
+    out = {"step_s": statistics.median(meter.times[warmup:])}
     if memory:
-        out["step_peak_mib"] = statistics.median(meter.peaks[WARMUP:])
+        out["step_peak_mib"] = statistics.median(meter.peaks[warmup:])
     return out
 
 
