@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import signal
-from pathlib import Path
 
 import torch
 from datasets import Dataset
