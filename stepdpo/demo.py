@@ -163,7 +163,8 @@ def _print_table(s: dict) -> None:
 # Measured on 2 CPU cores (see README "The loop on CPU"): an SFT'd tiny Mistral that solves about a fifth to a
 # third of the held-out problems, then a round of mining and stepwise DPO.
 LOOP = {"hidden": 64, "layers": 2, "train_problems": 600, "test_problems": 200, "max_value": 9, "sft_steps": 700,
-        "sft_lr": 3e-3, "mine_problems": 600, "samples": 4, "rollouts": 4, "temperature": 1.0, "dpo_steps": 100,
+        "sft_lr": 3e-3, "mine_problems": 600, "samples": 4, "rollouts": 4, "temperature": 1.0, "error_rule": "max_drop",
+        "dpo_steps": 100,
         "dpo_lr": 5e-4, "beta": 0.1, "batch": 16, "max_new_tokens": 64,
         # DPO plus the NLL of the chosen step (TRL's loss_type "sft"), as RPO does for math reasoning: plain DPO
         # pushed the chosen steps' likelihood down too and cost this tiny model accuracy (README "The loop").
@@ -190,9 +191,9 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
                   per_device_train_batch_size=p["batch"], lr_scheduler_type="constant", logging_steps=25,
                   disable_tqdm=not progress)
 
-    def sft(model, run, steps):
+    def sft(model, run, steps, lr):
         sft_main(StepSFTConfig(model_name_or_path=str(model), train_data=str(out / "train.jsonl"), output_dir=str(run),
-                               max_steps=steps, learning_rate=p["sft_lr"], **common))
+                               max_steps=steps, learning_rate=lr, **common))
         return run / "final"
 
     with _stage(stages, "tiny_model"):
@@ -206,7 +207,7 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
                                max_value=p["max_value"]))
         _check_disjoint(out / "train.jsonl", out / "test.jsonl")
     with _stage(stages, "sft"):
-        policy = sft(model, out / "sft", p["sft_steps"])
+        policy = sft(model, out / "sft", p["sft_steps"], p["sft_lr"])
     servers = _Servers(out, backend)
     try:
         with _stage(stages, "answers_before"):
@@ -215,7 +216,8 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
             urls = servers.urls(policy)
             mined = mine(MineOptions(problems=str(out / "train.jsonl"), model=str(policy), out=str(out / "mine"),
                                      samples=p["samples"], rollouts=p["rollouts"], limit=p["mine_problems"],
-                                     temperature=p["temperature"], max_new_tokens=p["max_new_tokens"], batch_size=64,
+                                     temperature=p["temperature"], error_rule=p["error_rule"],
+                                     max_new_tokens=p["max_new_tokens"], batch_size=64,
                                      seed=seed, backend="vllm" if urls else "hf", url=urls, progress=progress))
         with _stage(stages, "train"):
             train(StepwiseDPOConfig(model_name_or_path=str(policy), train_pairs=str(out / "mine" / "pairs.jsonl"),
@@ -224,18 +226,31 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
                                     loss_weights=list(p["loss_weights"]), **common))
         with _stage(stages, "answers_after"):
             after = _answers(out / "dpo" / "final", out / "answers_after", out / "test.jsonl", p, servers, progress)
+        # The control gets what the DPO stage got: the same steps, batch, learning rate and schedule. A control at
+        # the SFT stage's (higher) learning rate is also run and reported, since the comparison changes with it:
+        # a lower learning rate alone lets the constant-rate SFT model settle.
         with _stage(stages, "control_sft"):
-            control_model = sft(policy, out / "control", p["dpo_steps"])
+            control_model = sft(policy, out / "control", p["dpo_steps"], p["dpo_lr"])
         with _stage(stages, "answers_control"):
             control = _answers(control_model, out / "answers_control", out / "test.jsonl", p, servers, progress)
+        with _stage(stages, "control_sft_at_sft_lr"):
+            control_hi_model = sft(policy, out / "control_sft_lr", p["dpo_steps"], p["sft_lr"])
+        with _stage(stages, "answers_control_at_sft_lr"):
+            control_hi = _answers(control_hi_model, out / "answers_control_sft_lr", out / "test.jsonl", p, servers,
+                                  progress)
     finally:
         servers.stop()
     summary = {
         "answer_accuracy": {"before": before["accuracy"], "after": after["accuracy"], "control": control["accuracy"]},
         "held_out_problems": before["problems"], "training_problems": p["train_problems"],
         "mined_pairs": mined["pairs"], "mine": {k: v for k, v in mined.items() if k != "stages"},
+        "controls": {"control": {"steps": p["dpo_steps"], "learning_rate": p["dpo_lr"], "accuracy": control["accuracy"],
+                                 "note": "as many SFT steps as DPO took, at DPO's learning rate: answer_accuracy.control"},
+                     "at_sft_lr": {"steps": p["dpo_steps"], "learning_rate": p["sft_lr"],
+                                   "accuracy": control_hi["accuracy"]}},
         "stages": stages, "total_seconds": round(sum(stages.values()), 2), "backend": backend, "settings": p,
-        "invalid_answers": {"before": before["invalid"], "after": after["invalid"], "control": control["invalid"]},
+        "invalid_answers": {"before": before["invalid"], "after": after["invalid"], "control": control["invalid"],
+                            "control_at_sft_lr": control_hi["invalid"]},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     a = summary["answer_accuracy"]
@@ -245,6 +260,7 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
     for label, key in (("A0: after sft", "before"), ("A1: + mine + stepwise DPO", "after"),
                        ("control: + as many SFT steps", "control")):
         print(f"{label:34s} {a[key]:10.3f}")
+    print(f"{'  (control at the SFT lr ' + format(p['sft_lr'], 'g') + ')':34s} {control_hi['accuracy']:10.3f}")
     print("stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) +
           f"; total {summary['total_seconds']:.1f}")
     if not a["after"] > max(a["before"], a["control"]):

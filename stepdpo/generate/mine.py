@@ -2,7 +2,8 @@
 
 For each problem: sample K solutions, grade them (math-verify); for each wrong one, locate its first wrong step
 * `--locate rollout` (Math-Shepherd's estimate): from the prefix ending at step k, sample M continuations; the
-  first step after which none reaches the right answer is the error;
+  first step after which none reaches the right answer is the error (`--error-rule first_zero`), or, with
+  `--error-rule max_drop`, the step up to that one whose success rate falls most from the prefix before it;
 * `--locate prm`: a process reward model through the `score` backends (hf or vLLM): the first step whose reward
   is below `--prm-threshold`;
 then take M continuations from the prefix before that step: those that reach the right answer give the chosen
@@ -32,6 +33,9 @@ class MineError(StepdpoError, RuntimeError):
     """A server failed mid-run; every generation so far is cached."""
 
 
+ERROR_RULES = ("first_zero", "max_drop")
+
+
 @dataclass
 class MineOptions(PolicyOptions):
     problems: str = opt(REQUIRED, "Training problems with reference answers (never the held-out ones).")
@@ -41,6 +45,12 @@ class MineOptions(PolicyOptions):
     rollouts: int = opt(4, "M: continuations sampled from a prefix (to locate an error, and to correct it).")
     locate: str = opt("rollout", "rollout: Math-Shepherd's estimate from continuations; prm: a process reward model.",
                       choices=("rollout", "prm"))
+    error_rule: str = opt("first_zero", "--locate rollout: which step is the error. first_zero: the first step after "
+                          "which no continuation reaches the answer (Math-Shepherd's hard estimate). max_drop: among "
+                          "the steps up to that one, the step whose success rate falls most from the prefix before "
+                          "it (the most negative process advantage, as in Setlur et al. 2024, arXiv:2410.08146): "
+                          "robust when a wrong step is still followed by a lucky right answer.",
+                          choices=ERROR_RULES)
     max_wrong: int = opt(2, "Wrong solutions examined per problem.")
     chosen_min_success: float = opt(0.5, "A chosen step must itself lead to the right answer: M continuations after it "
                                     "must reach it at least this often (a correct answer reached through a wrong step "
@@ -58,6 +68,7 @@ class MineOptions(PolicyOptions):
     def __post_init__(self):
         self._check_policy()
         check_choice(self.locate, "locate", ("rollout", "prm"))
+        check_choice(self.error_rule, "error_rule", ERROR_RULES)
         check(self.samples >= 1 and self.rollouts >= 1 and self.max_wrong >= 1, "samples",
               "samples, rollouts and max_wrong must be >= 1")
         check(self.locate != "prm" or bool(self.reward_model), "reward_model", "--locate prm needs --reward-model")
@@ -125,7 +136,7 @@ def mine(options: MineOptions, model=None) -> dict:
         for p, rows in zip(problems, first):
             rollouts[(p.id, ())] = rows  # the K first samples are the continuations of the empty prefix
         if options.locate == "rollout":
-            located = _locate_by_rollouts(wrong, rollouts, sampler, gold, options.rollouts)
+            located = _locate_by_rollouts(wrong, rollouts, sampler, gold, options.rollouts, options.error_rule, solved)
         else:
             located = _locate_by_prm(wrong, options)
         stages["locate"] = round(time.perf_counter() - t, 2)
@@ -145,7 +156,7 @@ def mine(options: MineOptions, model=None) -> dict:
             candidates = [c for c in dict.fromkeys(candidates) if (c[0].id, c[1]) not in rollouts]
             for (p, prefix), rows in zip(candidates, sampler.draw(candidates, options.rollouts) if candidates else []):
                 rollouts[(p.id, prefix)] = rows
-        pairs = _pairs(located, rollouts, gold, options)
+        pairs = _pairs(located, rollouts, gold, options, solved)
         stages["correct"] = round(time.perf_counter() - t, 2)
     except VLLMError as e:  # every batch that arrived is in the cache: a re-run asks only for the rest
         raise MineError(f"{e} ({len(sampler.cache.rows)} generations so far are cached in "
@@ -163,6 +174,9 @@ def mine(options: MineOptions, model=None) -> dict:
         "problems_with_pairs": len(per_problem),
         "yield_per_problem": len(pairs) / len(problems) if problems else 0.0,
         "generations": sampler.generated, "cache_hits": sampler.cache_hits, "locate": options.locate,
+        **({"error_rule": options.error_rule,
+            "located_before_first_zero": sum(1 for _, r, k in located if k < r.get("_first_zero", k))}
+           if options.locate == "rollout" else {}),
         "stages": stages,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -170,9 +184,12 @@ def mine(options: MineOptions, model=None) -> dict:
     return report
 
 
-def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int) -> list[tuple[Problem, dict, int]]:
+def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int, rule: str = "first_zero",
+                        solved: dict | None = None) -> list[tuple[Problem, dict, int]]:
     """Math-Shepherd's estimate, breadth-first over all wrong samples: at round k, M continuations from each
-    sample's prefix ending at step k; the first k whose continuations never reach the answer is its error."""
+    sample's prefix ending at step k; the first k whose continuations never reach the answer is its error
+    (first_zero), or the step up to it whose success rate falls most from the prefix before it (max_drop; the
+    empty prefix's rate is the problem's share of right samples)."""
     active = [(p, r) for p, r in wrong]
     located = []
     k = 1
@@ -187,13 +204,26 @@ def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int) -> lis
             rate = sum(_reaches(gold[p.id], prefix, x["text"]) for x in rollouts[(p.id, prefix)]) / m
             r.setdefault("_rates", {})[k] = rate
             if rate == 0:
-                located.append((p, r, k))
+                located.append((p, r, k if rule == "first_zero" else _max_drop(r["_rates"], solved[p.id])))
+                r["_first_zero"] = k
             elif k < len(r["steps"]):
                 still.append((p, r))
             # a wrong solution whose every prefix still reaches the answer: its error is not in a step; skip it
         active = still
         k += 1
     return located
+
+
+def _max_drop(rates: dict[int, float], start: float) -> int:
+    """The step k (1-based) with the most negative rates[k] - rates[k-1] (rates[0] = start); the earliest on a tie,
+    since a later step after an earlier wrong one only inherits its failure."""
+    best, best_k, before = None, 1, start
+    for k in sorted(rates):
+        drop = rates[k] - before
+        if best is None or drop < best:
+            best, best_k = drop, k
+        before = rates[k]
+    return best_k
 
 
 def _locate_by_prm(wrong, options: MineOptions) -> list[tuple[Problem, dict, int]]:
@@ -221,7 +251,7 @@ def _locate_by_prm(wrong, options: MineOptions) -> list[tuple[Problem, dict, int
     return located
 
 
-def _pairs(located, rollouts, gold, options: MineOptions) -> list[dict]:
+def _pairs(located, rollouts, gold, options: MineOptions, solved: dict) -> list[dict]:
     merged: dict[tuple, dict] = {}
     for p, r, k in located:
         prefix = tuple(r["steps"][: k - 1])
@@ -233,6 +263,8 @@ def _pairs(located, rollouts, gold, options: MineOptions) -> list[dict]:
                   "correction_success_rate": len(good) / len(rows) if rows else 0.0}
         if "_rates" in r:
             source["rollout_success"] = {str(j): v for j, v in sorted(r["_rates"].items())}
+            source["sample_success"] = solved[p.id]  # the empty prefix's rate: max_drop's first comparison
+            source["error_rule"] = options.error_rule
         if "_rewards" in r:
             source["step_rewards"] = r["_rewards"]
         for x in good:

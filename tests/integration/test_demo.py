@@ -37,6 +37,16 @@ def test_the_loop_writes_its_summary(tmp_path):
     assert all(0 <= v <= 1 for v in s["answer_accuracy"].values())
     assert s["mined_pairs"] == s["mine"]["pairs"] and 0 < s["held_out_problems"] <= 40
     assert {"sft", "answers_before", "mine", "train", "answers_after", "control_sft", "answers_control"} <= set(s["stages"])
+    # the control is trained like the DPO stage (steps, learning rate, schedule, batch); the one at the SFT stage's
+    # learning rate is reported beside it
+    def args(run):
+        saved = json.loads((tmp_path / run / "final" / "stepdpo_config.json").read_text())
+        return {k: saved[k] for k in ("max_steps", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size")}
+
+    assert args("control") == args("dpo") and args("dpo")["learning_rate"] == s["settings"]["dpo_lr"]
+    assert args("control_sft_lr")["learning_rate"] == s["settings"]["sft_lr"] != s["settings"]["dpo_lr"]
+    assert s["controls"]["control"]["accuracy"] == s["answer_accuracy"]["control"]
+    assert 0 <= s["controls"]["at_sft_lr"]["accuracy"] <= 1 and s["mine"]["error_rule"] == "max_drop"
     train = {json.loads(x)["problem"] for x in (tmp_path / "train.jsonl").read_text().splitlines()}
     test = {json.loads(x)["problem"] for x in (tmp_path / "test.jsonl").read_text().splitlines()}
     assert not train & test

@@ -65,6 +65,36 @@ def test_mine_finds_errors_and_corrections_with_provenance(solver, tmp_path):
     assert [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == pairs
 
 
+def test_max_drop_blames_the_step_whose_success_rate_falls_most(solver, tmp_path):
+    """--error-rule max_drop on the same samples and rollouts as first_zero (shared through the cache): the
+    located step is the most negative change in success rate, never after first_zero's step."""
+    import shutil
+
+    common = dict(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"), limit=60, samples=4,
+                  rollouts=4, temperature=1.0, max_new_tokens=64, progress=False)
+    zero = mine(MineOptions(out=str(tmp_path / "zero"), **common))
+    (tmp_path / "drop").mkdir()
+    shutil.copy(tmp_path / "zero" / "mine_cache.jsonl", tmp_path / "drop" / "mine_cache.jsonl")
+    drop = mine(MineOptions(out=str(tmp_path / "drop"), error_rule="max_drop", **common))
+    assert zero["error_rule"] == "first_zero" and zero["located_before_first_zero"] == 0
+    assert drop["error_rule"] == "max_drop" and drop["errors_located"] == zero["errors_located"]
+    pairs = [json.loads(x) for x in (tmp_path / "drop" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs
+    moved = set()
+    for p in pairs:
+        src = p["source"][0]
+        rates = [src["sample_success"]] + [src["rollout_success"][str(j)] for j in range(1, len(src["rollout_success"]) + 1)]
+        drops = [rates[j] - rates[j - 1] for j in range(1, len(rates))]
+        k = src["error_step"]
+        assert src["error_rule"] == "max_drop" and drops[k - 1] == min(drops) and drops.index(min(drops)) == k - 1
+        assert len(p["prefix_steps"]) == k - 1 and rates[-1] == 0.0
+        if k < len(rates) - 1:
+            moved.add(src["sample_id"])
+    assert 0 < len(moved) <= drop["located_before_first_zero"]  # seeded: some errors moved earlier
+    # only the corrections of the moved errors were new: the samples and the locating rollouts came from the cache
+    assert drop["generations"] < zero["generations"]
+
+
 def test_mine_with_a_prm_locates_by_reward(solver, tiny_mistral, tmp_path):
     report = mine(MineOptions(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"),
                               out=str(tmp_path), limit=20, samples=2, rollouts=2, locate="prm",
