@@ -8,6 +8,11 @@ from pathlib import Path
 
 _SAMPLE = 1 << 20  # bytes hashed at each end of a large file
 _MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".tiktoken")
+# Records of the run that wrote a model, not the model: they hold its output paths, so with them the same weights
+# trained into another directory got another identity, and with it other sampling seeds and cache keys.
+# (stepdpo's run config and fingerprint: stepdpo.train.checkpoint.RUN_CONFIG and FINGERPRINT; transformers'
+# pickled TrainingArguments and trainer state.)
+RUN_RECORDS = frozenset({"stepdpo_config.json", "stepdpo_fingerprint.json", "training_args.bin", "trainer_state.json"})
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -28,13 +33,14 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 def model_identity(name: str, token: str | None = None, revision: str | None = None) -> str:
-    """A local directory: a hash over its config, tokenizer and weight files. A hub id: `id@commit` when the
+    """A local directory: a hash over its config, tokenizer and weight files (not the records of the run that
+    wrote it). A hub id: `id@commit` when the
     snapshot is cached (the commit a branch resolved to), else `id@revision`."""
     path = Path(name).expanduser()
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(path.iterdir()):
-            if f.is_file() and f.suffix in _MODEL_FILES:
+            if f.is_file() and f.suffix in _MODEL_FILES and f.name not in RUN_RECORDS:
                 h.update(f.name.encode() + b"\0" + file_fingerprint(f).encode())
         return f"dir:{h.hexdigest()[:24]}"
     try:
