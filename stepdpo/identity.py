@@ -34,8 +34,8 @@ def file_fingerprint(path: str | Path) -> str:
 
 def model_identity(name: str, token: str | None = None, revision: str | None = None) -> str:
     """A local directory: a hash over its config, tokenizer and weight files (not the records of the run that
-    wrote it). A hub id: `id@commit` when the
-    snapshot is cached (the commit a branch resolved to), else `id@revision`."""
+    wrote it). A hub id: `id@commit` when the snapshot is cached (the commit a branch resolved to), else
+    `id@revision`."""
     path = Path(name).expanduser()
     if path.is_dir():
         h = hashlib.sha256()

@@ -175,7 +175,8 @@ def mine(options: MineOptions, model=None) -> dict:
         "yield_per_problem": len(pairs) / len(problems) if problems else 0.0,
         "generations": sampler.generated, "cache_hits": sampler.cache_hits, "locate": options.locate,
         **({"error_rule": options.error_rule,
-            "located_before_first_zero": sum(1 for _, r, k in located if k < r.get("_first_zero", k))}
+            # the rates stop at the first zero, so its step is the last one rated
+            "located_before_first_zero": sum(1 for _, r, k in located if k < max(r["_rates"]))}
            if options.locate == "rollout" else {}),
         "stages": stages,
     }
@@ -184,8 +185,8 @@ def mine(options: MineOptions, model=None) -> dict:
     return report
 
 
-def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int, rule: str = "first_zero",
-                        solved: dict | None = None) -> list[tuple[Problem, dict, int]]:
+def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int, rule: str,
+                        solved: dict) -> list[tuple[Problem, dict, int]]:
     """Math-Shepherd's estimate, breadth-first over all wrong samples: at round k, M continuations from each
     sample's prefix ending at step k; the first k whose continuations never reach the answer is its error
     (first_zero), or the step up to it whose success rate falls most from the prefix before it (max_drop; the
@@ -205,7 +206,6 @@ def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int, rule: 
             r.setdefault("_rates", {})[k] = rate
             if rate == 0:
                 located.append((p, r, k if rule == "first_zero" else _max_drop(r["_rates"], solved[p.id])))
-                r["_first_zero"] = k
             elif k < len(r["steps"]):
                 still.append((p, r))
             # a wrong solution whose every prefix still reaches the answer: its error is not in a step; skip it
