@@ -10,8 +10,9 @@ _SAMPLE = 1 << 20  # bytes hashed at each end of a large file
 _MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".tiktoken")
 # Records of the run that wrote a model, not the model: they hold its output paths, so with them the same weights
 # trained into another directory got another identity, and with it other sampling seeds and cache keys.
-# (stepdpo's run config and fingerprint: stepdpo.train.checkpoint.RUN_CONFIG and FINGERPRINT; transformers'
-# pickled TrainingArguments and trainer state.)
+# (stepdpo's run config and fingerprint: stepdpo.train.checkpoint.RUN_CONFIG and FINGERPRINT, spelled out because
+# checkpoint imports this module; transformers' TRAINING_ARGS_NAME and TRAINER_STATE_NAME. tests/unit/test_identity.py
+# keeps them in step.)
 RUN_RECORDS = frozenset({"stepdpo_config.json", "stepdpo_fingerprint.json", "training_args.bin", "trainer_state.json"})
 
 

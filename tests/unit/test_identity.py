@@ -33,4 +33,6 @@ def test_other_weights_or_another_config_is_another_model(tmp_path):
 
 
 def test_the_run_records_are_the_names_the_trainer_writes():
-    assert {RUN_CONFIG, FINGERPRINT, "training_args.bin"} <= RUN_RECORDS
+    from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+
+    assert {RUN_CONFIG, FINGERPRINT, TRAINING_ARGS_NAME, TRAINER_STATE_NAME} <= RUN_RECORDS
