@@ -118,7 +118,7 @@ def vllm_client_vs_raw(quick: bool) -> dict:
 
     model = _tiny("mistral")
     tmp = Path(tempfile.mkdtemp())
-    write_synthetic(tmp / "prm.jsonl", SynthConfig(problems=150 if quick else 600, seed=2))
+    write_synthetic(tmp / "prm.jsonl", SynthConfig(problems=80 if quick else 600, seed=2))
     prepare([tmp / "prm.jsonl"], tmp / "pairs", PrepareOptions(progress=False))
     pairs = read_pairs(tmp / "pairs" / "pairs.jsonl")
     tok = AutoTokenizer.from_pretrained(model)
@@ -150,7 +150,7 @@ def vllm_client_vs_raw(quick: bool) -> dict:
 
         raw_once()  # warm the server
         t_raw, t_ours = [], []
-        for i in range(3 if quick else 5):
+        for i in range(2 if quick else 5):
             t_raw.append(raw_once())
             a = ScoreOptions(pairs=str(tmp / "pairs" / "pairs.jsonl"), model=str(model), backend="vllm", url=[url],
                              out=str(tmp / f"scored{i}"), batch_size=batch, concurrency=concurrency, progress=False)
@@ -207,7 +207,7 @@ def generate_vllm_vs_raw(quick: bool) -> dict:
 
         raw_once()  # warm the server
         raw, ours = [], []
-        for i in range(3 if quick else 5):
+        for i in range(2 if quick else 5):
             raw.append(raw_once())
             report = generate(GenerateOptions(problems=str(tmp / "p.jsonl"), model=str(model), out=str(tmp / f"g{i}"),
                                               backend="vllm", url=[url], batch_size=batch, concurrency=concurrency,
@@ -242,7 +242,7 @@ def trainer_vs_trl(quick: bool) -> dict:
 
     model = _tiny("mistral", hidden=384, layers=4, ffn=1344)  # Mistral's proportions (MLP 3.5x hidden)
     pairs_path = _pairs_file(200)
-    steps = 25 if quick else 60
+    steps = 12 if quick else 60
     spec = {"model": str(model), "pairs": str(pairs_path), "steps": steps, "batch": 8, "memory": False, "warmup": 5}
     ours_t, trl_t = [], []
     for rep in range(2 if quick else 3):
@@ -259,7 +259,7 @@ def precompute_vs_live(quick: bool) -> dict:
 
     model = _tiny("mistral", hidden=384, layers=4, ffn=1344)
     pairs_path = _pairs_file(200)
-    steps = 25 if quick else 60
+    steps = 12 if quick else 60
     live_t, pre_t, precompute_s = [], [], []
     for rep in range(2 if quick else 3):
         for precompute in (False, True):

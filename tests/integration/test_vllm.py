@@ -120,7 +120,7 @@ def test_server_killed_mid_run_then_resumed(servers, tiny_mistral_v1, tmp_path):
     from stepdpo.data.prepare import PrepareOptions, prepare
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
 
-    write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=400, seed=9))
+    write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=150, seed=9))  # 616 substeps
     prepare([tmp_path / "prm.jsonl"], tmp_path / "pairs", PrepareOptions(progress=False))
     pairs = tmp_path / "pairs" / "pairs.jsonl"
     server = servers["judge"]
