@@ -84,6 +84,7 @@ class VLLMClient:
         self._lock = threading.Lock()
         self._slots = {u: threading.BoundedSemaphore(concurrency) for u in self.urls}
         self._failures_in_a_row: dict[str, int] = defaultdict(int)
+        self._last_error: dict[str, VLLMError] = {}
         self.dead: set[str] = set()
         self.url_stats = {u: {"batches": 0, "failures": 0, "failed_over": 0, "in_rotation": True} for u in self.urls}
         self.max_in_flight = {u: 0 for u in self.urls}
@@ -180,11 +181,10 @@ class VLLMClient:
 
     def _run_one(self, i: int, fn, batch):
         tried: set[str] = set()
-        last: VLLMError | None = None
         while True:
             url = self._pick(i, tried)
             if url is None:
-                raise last
+                raise self._none_left(tried)
             with self._slots[url]:
                 with self._lock:
                     self._in_flight[url] += 1
@@ -192,7 +192,6 @@ class VLLMClient:
                 try:
                     result = fn(url, batch)
                 except (ServerUnreachable, RetryBudgetExhausted) as e:
-                    last = e
                     tried.add(url)
                     self._failed(url, e, tried)
                     continue
@@ -204,8 +203,21 @@ class VLLMClient:
                 self.url_stats[url]["batches"] += 1
             return result
 
+    def _none_left(self, tried: set[str]) -> VLLMError:
+        """The error when no URL is left for a batch. It may be that this batch tried none of them: with
+        several batches in flight, other batches can take every URL out of rotation first. So the message is
+        built from every URL's last error, not from this batch's own."""
+        with self._lock:
+            errors = {u: self._last_error.get(u) for u in self.urls if u in tried or u in self.dead}
+        details = "; ".join(str(e) if e else f"{u}: out of rotation" for u, e in errors.items())
+        kind = RetryBudgetExhausted if any(isinstance(e, RetryBudgetExhausted) for e in errors.values()) \
+            else ServerUnreachable
+        return kind(f"every vLLM URL failed ({details}). Check that the servers are up (launch/serve_reward.sh "
+                    "prints each URL when ready), then run again: finished batches are cached")
+
     def _failed(self, url: str, error: VLLMError, tried: set[str]) -> None:
         with self._lock:
+            self._last_error[url] = error
             others = any(u not in tried and u not in self.dead for u in self.urls)
             stats = self.url_stats[url]
             stats["failures"] += 1

@@ -221,6 +221,20 @@ def test_when_every_url_fails_the_error_names_a_url():
         c.map_batches([[[1, 2]]] * 3, c.last_token_logprobs)
 
 
+def test_a_batch_that_finds_every_url_out_of_rotation_names_them_all():
+    # With batches in flight together, other batches can take every URL out of rotation before this one
+    # tries any; it then has no error of its own to raise (this was a `TypeError` in CI). A second call on
+    # the same client makes that order certain.
+    urls = [_dead_url(), _dead_url()]
+    c = client(urls, fail_after=1)
+    with pytest.raises(ServerUnreachable):
+        c.map_batches([[[1, 2]]], c.last_token_logprobs)
+    assert c.dead == set(urls)
+    with pytest.raises(ServerUnreachable, match="every vLLM URL failed") as e:
+        c.map_batches([[[1, 2]]] * 2, c.last_token_logprobs)
+    assert all(f"{u}: connection failed" in str(e.value) for u in urls)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), True, 0.5, "x"])
 def test_non_finite_or_impossible_logprobs_are_refused(server, bad):
     body = {"choices": [{"index": 0, "prompt_logprobs": [None, {"2": {"logprob": bad}}]}]}
