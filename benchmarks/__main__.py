@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -63,9 +64,10 @@ def machine() -> dict:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
-def run_case(name: str, quick: bool) -> dict:
+def run_case(name: str, quick: bool, extra_env: dict | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+               **(extra_env or {}))
     cmd = [sys.executable, "-m", "benchmarks", "--case", name] + (["--quick"] if quick else [])
     t = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -122,6 +124,24 @@ def render(results: dict, mach: dict, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextmanager
+def shared_vllm_server(names: list[str]):
+    """One vLLM server for every vLLM case in this run (see benchmarks.cases.judge_server); the env for them."""
+    from benchmarks.cases import SHARED_SERVER_ENV, VLLM_CASES, _tiny
+    from stepdpo.testing import VLLMServer, vllm_available
+
+    if sum(n in VLLM_CASES for n in names) < 2 or not vllm_available():
+        yield {}
+        return
+    model = _tiny("mistral")
+    print("[bench] starting the vLLM server the vLLM cases share ...", flush=True)
+    server = VLLMServer(model, "judge", model.parent / "vllm.log").start().wait()
+    try:
+        yield {SHARED_SERVER_ENV: json.dumps([str(model), server.url])}
+    finally:
+        server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,11 +157,12 @@ def main() -> int:
 
     names = a.only or list(CASES)
     results, crashed = {}, False
-    for name in names:
-        print(f"[bench] {name} ...", flush=True)
-        results[name] = run_case(name, a.quick)
-        crashed |= "error" in results[name]
-        print(f"[bench] {name}: {json.dumps(results[name])[:400]}", flush=True)
+    with shared_vllm_server(names) as extra_env:
+        for name in names:
+            print(f"[bench] {name} ...", flush=True)
+            results[name] = run_case(name, a.quick, extra_env)
+            crashed |= "error" in results[name]
+            print(f"[bench] {name}: {json.dumps(results[name])[:400]}", flush=True)
     mach = machine()
     doc = {"machine": mach, "quick": a.quick, "results": results}
     Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -8,6 +8,7 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,29 @@ def prepare_vs_json(quick: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- scoring
+VLLM_CASES = ("vllm_client_vs_raw", "generate_vllm_vs_raw")
+SHARED_SERVER_ENV = "STEPDPO_BENCH_VLLM"  # JSON [model dir, url]: the harness's server, set for its children
+
+
+@contextmanager
+def judge_server(log_dir: Path):
+    """(model, url): a vLLM judge server of the tiny Mistral. The harness starts one for all the vLLM cases and
+    names it in STEPDPO_BENCH_VLLM (each start costs about a minute); a case run alone starts its own. Every
+    case measures stepdpo and raw requests on the same server, back to back, so sharing it changes no ratio."""
+    from stepdpo.testing import VLLMServer
+
+    if os.environ.get(SHARED_SERVER_ENV):
+        model, url = json.loads(os.environ[SHARED_SERVER_ENV])
+        yield Path(model), url
+        return
+    model = _tiny("mistral")
+    server = VLLMServer(model, "judge", log_dir / "vllm.log").start().wait()
+    try:
+        yield model, server.url
+    finally:
+        server.stop()
+
+
 def _tiny(arch: str, hidden: int = 64, layers: int = 2, ffn: int | None = None) -> Path:
     from stepdpo.tiny import TinySize, build_tiny_model
 
@@ -101,23 +125,27 @@ def prm_single_pass(quick: bool) -> dict:
 
 def vllm_client_vs_raw(quick: bool) -> dict:
     """`stepdpo score --backend vllm` vs sending the same prompts to the same server as raw batched requests."""
+    from stepdpo.testing import vllm_available
+
+    if not vllm_available():
+        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
+    tmp = Path(tempfile.mkdtemp())
+    with judge_server(tmp) as (model, url):
+        return _vllm_client_vs_raw(quick, model, url, tmp)
+
+
+def _vllm_client_vs_raw(quick: bool, model: Path, url: str, tmp: Path) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
+    from transformers import AutoTokenizer
 
     from stepdpo.data.pairs import read_pairs
     from stepdpo.data.prepare import PrepareOptions, prepare
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
     from stepdpo.reward.score import ScoreOptions, score
     from stepdpo.reward.scorer import judge_prompt, judge_token_ids, substeps_of_pair
-    from stepdpo.testing import VLLMServer, vllm_available
 
-    if not vllm_available():
-        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
-    from transformers import AutoTokenizer
-
-    model = _tiny("mistral")
-    tmp = Path(tempfile.mkdtemp())
     write_synthetic(tmp / "prm.jsonl", SynthConfig(problems=80 if quick else 600, seed=2))
     prepare([tmp / "prm.jsonl"], tmp / "pairs", PrepareOptions(progress=False))
     pairs = read_pairs(tmp / "pairs" / "pairs.jsonl")
@@ -129,34 +157,29 @@ def vllm_client_vs_raw(quick: bool) -> dict:
         ids = tok(judge_prompt(s))["input_ids"]
         prompts += [ids + [yes], ids + [no]]
     batch, concurrency = 32, 4
-    server = VLLMServer(model, "judge", tmp / "vllm.log").start().wait()
-    try:
-        url = server.url
 
-        def raw_once():
-            session = requests.Session()
-            chunks = [prompts[i : i + 2 * batch] for i in range(0, len(prompts), 2 * batch)]
+    def raw_once():
+        session = requests.Session()
+        chunks = [prompts[i : i + 2 * batch] for i in range(0, len(prompts), 2 * batch)]
 
-            def post(chunk):
-                r = session.post(f"{url}/v1/completions", json={"model": str(model), "prompt": chunk, "max_tokens": 0,
-                                                                 "echo": True, "prompt_logprobs": 0})
-                r.raise_for_status()
-                return r.json()
+        def post(chunk):
+            r = session.post(f"{url}/v1/completions", json={"model": str(model), "prompt": chunk, "max_tokens": 0,
+                                                             "echo": True, "prompt_logprobs": 0})
+            r.raise_for_status()
+            return r.json()
 
-            t = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                list(pool.map(post, chunks))
-            return time.perf_counter() - t
+        t = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(post, chunks))
+        return time.perf_counter() - t
 
-        raw_once()  # warm the server
-        t_raw, t_ours = [], []
-        for i in range(2 if quick else 5):
-            t_raw.append(raw_once())
-            a = ScoreOptions(pairs=str(tmp / "pairs" / "pairs.jsonl"), model=str(model), backend="vllm", url=[url],
-                             out=str(tmp / f"scored{i}"), batch_size=batch, concurrency=concurrency, progress=False)
-            t_ours.append(score(a)["wall_seconds"])
-    finally:
-        server.stop()
+    raw_once()  # warm the server
+    t_raw, t_ours = [], []
+    for i in range(2 if quick else 5):
+        t_raw.append(raw_once())
+        a = ScoreOptions(pairs=str(tmp / "pairs" / "pairs.jsonl"), model=str(model), backend="vllm", url=[url],
+                         out=str(tmp / f"scored{i}"), batch_size=batch, concurrency=concurrency, progress=False)
+        t_ours.append(score(a)["wall_seconds"])
     return {"substeps": len(subs), "prompts": len(prompts), "raw_s": _stats(t_raw), "stepdpo_s": _stats(t_ours),
             "ratio": _ratio(t_ours, t_raw)}
 
@@ -164,57 +187,56 @@ def vllm_client_vs_raw(quick: bool) -> dict:
 def generate_vllm_vs_raw(quick: bool) -> dict:
     """`stepdpo generate --backend vllm` vs the same prompts sent to the same server as raw batched requests:
     samples per second (stepdpo / raw; the target is >= 0.8)."""
+    from stepdpo.testing import vllm_available
+
+    if not vllm_available():
+        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
+    tmp = Path(tempfile.mkdtemp())
+    with judge_server(tmp) as (model, url):
+        return _generate_vllm_vs_raw(quick, model, url, tmp)
+
+
+def _generate_vllm_vs_raw(quick: bool, model: Path, url: str, tmp: Path) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
+    from transformers import AutoTokenizer
 
     from stepdpo.data.pairs import render_prompt
     from stepdpo.data.synthetic import SynthOptions, synth
     from stepdpo.generate.generate import GenerateOptions, generate
     from stepdpo.generate.problems import read_problems
-    from stepdpo.testing import VLLMServer, vllm_available
 
-    if not vllm_available():
-        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
-    from transformers import AutoTokenizer
-
-    model = _tiny("mistral")
-    tmp = Path(tempfile.mkdtemp())
     n_problems = 64 if quick else 256
     synth(SynthOptions(out=str(tmp / "p.jsonl"), kind="problems", problems=n_problems, seed=3, max_value=9))
     tok = AutoTokenizer.from_pretrained(model)
     prompts = [tok(render_prompt(p.text, [])).input_ids for p in read_problems(tmp / "p.jsonl")[0]]
     batch, concurrency, max_tokens = 16, 4, 32
-    server = VLLMServer(model, "judge", tmp / "vllm.log").start().wait()
-    try:
-        url = server.url
 
-        def raw_once():
-            session = requests.Session()
-            chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+    def raw_once():
+        session = requests.Session()
+        chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
-            def post(chunk):
-                r = session.post(f"{url}/v1/completions", json={"model": str(model), "prompt": chunk, "n": 1,
-                                                                 "max_tokens": max_tokens, "temperature": 0.0,
-                                                                 "top_p": 1.0, "seed": 0, "return_token_ids": True})
-                r.raise_for_status()
-                return r.json()
+        def post(chunk):
+            r = session.post(f"{url}/v1/completions", json={"model": str(model), "prompt": chunk, "n": 1,
+                                                             "max_tokens": max_tokens, "temperature": 0.0,
+                                                             "top_p": 1.0, "seed": 0, "return_token_ids": True})
+            r.raise_for_status()
+            return r.json()
 
-            t = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                list(pool.map(post, chunks))
-            return len(prompts) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(post, chunks))
+        return len(prompts) / (time.perf_counter() - t)
 
-        raw_once()  # warm the server
-        raw, ours = [], []
-        for i in range(2 if quick else 5):
-            raw.append(raw_once())
-            report = generate(GenerateOptions(problems=str(tmp / "p.jsonl"), model=str(model), out=str(tmp / f"g{i}"),
-                                              backend="vllm", url=[url], batch_size=batch, concurrency=concurrency,
-                                              max_new_tokens=max_tokens, progress=False))
-            ours.append(report["samples_per_second"])
-    finally:
-        server.stop()
+    raw_once()  # warm the server
+    raw, ours = [], []
+    for i in range(2 if quick else 5):
+        raw.append(raw_once())
+        report = generate(GenerateOptions(problems=str(tmp / "p.jsonl"), model=str(model), out=str(tmp / f"g{i}"),
+                                          backend="vllm", url=[url], batch_size=batch, concurrency=concurrency,
+                                          max_new_tokens=max_tokens, progress=False))
+        ours.append(report["samples_per_second"])
     return {"prompts": len(prompts), "raw_samples_per_s": _stats(raw), "stepdpo_samples_per_s": _stats(ours),
             "ratio": _ratio(ours, raw)}
 

@@ -20,7 +20,7 @@
 # Environment: VLLM_PYTHON (default: .venv-vllm/bin/python if present, else python), HEALTH_TIMEOUT (s, 600).
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0;; esac
 MODEL=$1; shift

@@ -23,7 +23,7 @@
 #   launch/train.sh --mode zero3 --config configs/recipes/mistral-7b/qlora_zero3.yaml --gpus-per-node 8
 #   launch/train.sh --mode zero3 --config R.yaml --nodes 2 --machine-rank 1 --main-address node001
 set -euo pipefail
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 
 MODE=""; CONFIG=""; NODES=${NUM_NODES:-${SLURM_NNODES:-1}}; GPUS=${GPUS_PER_NODE:-}; PROCS=2
 RANK=${MACHINE_RANK:-${SLURM_NODEID:-0}}; ADDR=${MAIN_ADDRESS:-127.0.0.1}; PORT=${MAIN_PORT:-29500}

@@ -8,7 +8,7 @@
 #
 # Needs root and the Debian packages slurm-wlm and munge (launch/setup.sh --slurm installs them).
 set -euo pipefail
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 [[ $# -eq 2 ]] || { usage >&2; exit 2; }
 CMD=$1; DIR=$(mkdir -p "$2" && cd "$2" && pwd)
 CONF=$DIR/slurm.conf

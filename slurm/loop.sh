@@ -24,7 +24,7 @@
 # Other:    --cpu (a CPU-only cluster: no GPUs, cpu-ddp training, vLLM CPU; what the tests use),
 #           --dry-run (print the exact sbatch commands, submit nothing), -h|--help
 set -euo pipefail
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 die() { echo "loop.sh: $*" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)

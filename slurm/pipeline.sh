@@ -12,7 +12,9 @@
 # Data:       --format prm800k|step-dpo|steps|trl (prm800k), --test-fraction F (0.1), --seed S (0)
 # Scoring:    --method judge|prm (judge), --reward-replicas R (1), --reward-gpus G (= --gpus-per-node),
 #             --serve-args "..." (extra launch/serve_reward.sh args, e.g. "--tp 8 --dtype bfloat16"),
-#             --api-key-file F
+#             --api-key-file F,
+#             --reward-url URL (repeatable: score on servers already running, e.g. a team's standing
+#             deployment; no reward-server job is submitted), --served-model-name NAME (= --reward-model)
 # Training:   --mode zero3|zero2|zero3-offload|ddp|cpu-ddp (zero3), --nodes N (1), --gpus-per-node G (8),
 #             --train-args "..." (stepdpo train overrides, shell-quoted: "--run_name 'a b'"), --hf-token-file F
 # Answers:    --answers PROBLEMS (a problem file: an extra job serves the trained policy with vLLM and runs
@@ -26,14 +28,15 @@
 # Other:      --cpu (a CPU-only cluster: no GPUs requested, cpu-ddp training, vLLM CPU; what the tests use)
 #             --dry-run (print the exact sbatch commands, submit nothing), -h|--help
 set -euo pipefail
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 die() { echo "pipeline.sh: $*" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=slurm/lib.sh
 source "$REPO/slurm/lib.sh"
 RUN_DIR=""; INPUTS=(); MODEL=""; RM=""; RECIPE=""; FORMAT=prm800k; TEST_FRACTION=0.1; SEED=0
-METHOD=judge; REPLICAS=1; REWARD_GPUS=""; SERVE_ARGS=""; API_KEY_FILE=""
+METHOD=judge; REPLICAS=1; REWARD_GPUS=""; SERVE_ARGS=""; API_KEY_FILE=""; REWARD_URLS=(); SERVED_NAME=""
+LAUNCH_OPTS=()  # options that configure a reward-server job, refused with --reward-url
 MODE=zero3; NODES=1; GPUS=8; TRAIN_ARGS=""; TOKEN_FILE=""
 PARTITION=""; ACCOUNT=""; QOS=""; REWARD_PARTITION=""
 T_PREP=01:00:00; T_REWARD=08:00:00; T_SCORE=08:00:00; T_TRAIN=24:00:00; T_EVAL=02:00:00
@@ -50,9 +53,11 @@ while [[ $# -gt 0 ]]; do
     --test-fraction) TEST_FRACTION=$2; shift 2;;
     --seed) SEED=$2; shift 2;;
     --method) METHOD=$2; shift 2;;
-    --reward-replicas) REPLICAS=$2; shift 2;;
-    --reward-gpus) REWARD_GPUS=$2; shift 2;;
-    --serve-args) SERVE_ARGS=$2; shift 2;;
+    --reward-replicas) REPLICAS=$2; LAUNCH_OPTS+=("$1"); shift 2;;
+    --reward-gpus) REWARD_GPUS=$2; LAUNCH_OPTS+=("$1"); shift 2;;
+    --serve-args) SERVE_ARGS=$2; LAUNCH_OPTS+=("$1"); shift 2;;
+    --reward-url) REWARD_URLS+=("$2"); shift 2;;
+    --served-model-name) SERVED_NAME=$2; shift 2;;
     --api-key-file) API_KEY_FILE=$2; shift 2;;
     --mode) MODE=$2; shift 2;;
     --nodes) NODES=$2; shift 2;;
@@ -62,14 +67,14 @@ while [[ $# -gt 0 ]]; do
     --partition) PARTITION=$2; shift 2;;
     --account) ACCOUNT=$2; shift 2;;
     --qos) QOS=$2; shift 2;;
-    --reward-partition) REWARD_PARTITION=$2; shift 2;;
+    --reward-partition) REWARD_PARTITION=$2; LAUNCH_OPTS+=("$1"); shift 2;;
     --time-prepare) T_PREP=$2; shift 2;;
-    --time-reward) T_REWARD=$2; shift 2;;
+    --time-reward) T_REWARD=$2; LAUNCH_OPTS+=("$1"); shift 2;;
     --time-score) T_SCORE=$2; shift 2;;
     --time-train) T_TRAIN=$2; shift 2;;
     --time-eval) T_EVAL=$2; shift 2;;
     --env) ENV_SPEC=$2; shift 2;;
-    --vllm-env) VLLM_ENV_SPEC=$2; shift 2;;
+    --vllm-env) VLLM_ENV_SPEC=$2; LAUNCH_OPTS+=("$1"); shift 2;;
     --answers) ANSWERS=$2; shift 2;;
     --answer-samples) ANSWER_SAMPLES=$2; shift 2;;
     --eval-gpus) EVAL_GPUS=$2; shift 2;;
@@ -101,6 +106,15 @@ check_times T_PREP T_REWARD T_SCORE T_TRAIN T_EVAL
 if [[ $CPU == 1 && $MODE != cpu* ]]; then MODE=cpu-ddp; fi
 if [[ $CPU == 0 && $MODE == cpu* ]]; then die "--mode $MODE needs --cpu"; fi
 [[ -z $API_KEY_FILE || -f $API_KEY_FILE ]] || die "--api-key-file $API_KEY_FILE: no such file"
+for u in ${REWARD_URLS[@]+"${REWARD_URLS[@]}"}; do
+  [[ $u =~ ^https?://[^/[:space:]]+ ]] || die "--reward-url $u: not an http(s):// URL (e.g. http://node12:8100)"
+  # job scripts, argv and sacct would show it: the key goes in a file
+  [[ ! $u =~ ^https?://[^/]*@ ]] || die "--reward-url: credentials in a URL would be logged; give the key with --api-key-file"
+done
+if [[ ${#REWARD_URLS[@]} -gt 0 && ${#LAUNCH_OPTS[@]} -gt 0 ]]; then
+  die "${LAUNCH_OPTS[0]} configures the reward-server job, which --reward-url replaces (the server is already running)"
+fi
+[[ -z $SERVED_NAME || ${#REWARD_URLS[@]} -gt 0 ]] || die "--served-model-name goes with --reward-url (a server the pipeline starts serves --reward-model under its own name)"
 [[ -z $ANSWERS || -f $ANSWERS ]] || die "--answers $ANSWERS: no such file"
 [[ -z $TOKEN_FILE || -f $TOKEN_FILE ]] || die "--hf-token-file $TOKEN_FILE: no such file"
 REWARD_GPUS=${REWARD_GPUS:-$GPUS}
@@ -166,22 +180,28 @@ PREP=$(submit prepare ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")
   "${COMMON[@]}" --job-name stepdpo-prepare --time "$T_PREP" --output "$RUN_DIR/logs/prepare-%j.out" \
   "$REPO/slurm/stage.sbatch")
 
-REWARD_COMMON=("${COMMON[@]}")
-if [[ -n $REWARD_PARTITION && $REWARD_PARTITION != "$PARTITION" ]]; then
-  REWARD_COMMON=(--parsable --chdir "$REPO" --partition "$REWARD_PARTITION")
-  [[ -n $ACCOUNT ]] && REWARD_COMMON+=(--account "$ACCOUNT")
+SERVER=""; SERVER_ENV=(WAIT_URLS_DIR="$RUN_DIR/reward_urls")
+URL_ARGS=""; for u in ${REWARD_URLS[@]+"${REWARD_URLS[@]}"}; do URL_ARGS+=" --url $u"; done
+if [[ ${#REWARD_URLS[@]} -eq 0 ]]; then
+  REWARD_COMMON=("${COMMON[@]}")
+  if [[ -n $REWARD_PARTITION && $REWARD_PARTITION != "$PARTITION" ]]; then
+    REWARD_COMMON=(--parsable --chdir "$REPO" --partition "$REWARD_PARTITION")
+    [[ -n $ACCOUNT ]] && REWARD_COMMON+=(--account "$ACCOUNT")
+  fi
+  SERVER=$(submit reward-server MODEL="$RM" RUN_DIR="$RUN_DIR" METHOD="$METHOD" SERVE_ARGS="$SERVE_ARGS" \
+    API_KEY_FILE="$API_KEY_FILE" WATCH_JOB_FILE="$RUN_DIR/score_job_id" ENV_SETUP="$VLLM_SETUP" -- \
+    "${REWARD_COMMON[@]}" --job-name stepdpo-reward --nodes "$REPLICAS" --ntasks-per-node 1 "${REWARD_GPU_ARGS[@]}" \
+    --time "$T_REWARD" --output "$RUN_DIR/logs/reward-%j.out" "$REPO/slurm/reward_server.sbatch")
+  SERVER_ENV+=(SERVER_JOB_ID="$SERVER")
+else
+  SERVER_ENV=()  # a server the pipeline did not start: the score job neither waits for a URL file nor stops it
 fi
-SERVER=$(submit reward-server MODEL="$RM" RUN_DIR="$RUN_DIR" METHOD="$METHOD" SERVE_ARGS="$SERVE_ARGS" \
-  API_KEY_FILE="$API_KEY_FILE" WATCH_JOB_FILE="$RUN_DIR/score_job_id" ENV_SETUP="$VLLM_SETUP" -- \
-  "${REWARD_COMMON[@]}" --job-name stepdpo-reward --nodes "$REPLICAS" --ntasks-per-node 1 "${REWARD_GPU_ARGS[@]}" \
-  --time "$T_REWARD" --output "$RUN_DIR/logs/reward-%j.out" "$REPO/slurm/reward_server.sbatch")
 
-SCORE=$(submit score ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" WAIT_URLS_DIR="$RUN_DIR/reward_urls" \
-  SERVER_JOB_ID="$SERVER" \
-  STAGE_ARGS="score --pairs $RUN_DIR/pairs/train/pairs.jsonl --model $RM --backend vllm --method $METHOD --out $RUN_DIR/scored --no-progress${API_KEY_FILE:+ --api-key-file $API_KEY_FILE}" -- \
+SCORE=$(submit score ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" ${SERVER_ENV[@]+"${SERVER_ENV[@]}"} \
+  STAGE_ARGS="score --pairs $RUN_DIR/pairs/train/pairs.jsonl --model $RM --backend vllm --method $METHOD --out $RUN_DIR/scored --no-progress${URL_ARGS}${SERVED_NAME:+ --served-model-name $SERVED_NAME}${API_KEY_FILE:+ --api-key-file $API_KEY_FILE}" -- \
   "${COMMON[@]}" --job-name stepdpo-score --dependency "afterok:$PREP" --time "$T_SCORE" \
   --output "$RUN_DIR/logs/score-%j.out" "$REPO/slurm/stage.sbatch")
-[[ $DRY == 1 ]] || echo "$SCORE" > "$RUN_DIR/score_job_id"   # the server watches it
+[[ $DRY == 1 || -z $SERVER ]] || echo "$SCORE" > "$RUN_DIR/score_job_id"   # the server watches it
 
 TRAIN=$(submit train RECIPE="$(cd "$(dirname "$RECIPE")" && pwd)/$(basename "$RECIPE")" RUN_DIR="$RUN_DIR/train" \
   MODE="$MODE" PROCS=1 ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" STEPDPO_REPO="$REPO" \
@@ -207,6 +227,6 @@ if [[ -n $ANSWERS ]]; then
     "${COMMON[@]}" --job-name stepdpo-answers --dependency "afterok:$TRAIN" --time "$T_EVAL" "${EVAL_RES[@]}" \
     --output "$RUN_DIR/logs/answers-%j.out" "$REPO/slurm/answers.sbatch")
 fi
-printf 'prepare=%s reward_server=%s score=%s train=%s eval=%s%s\n' "$PREP" "$SERVER" "$SCORE" "$TRAIN" "$EVAL" \
-  "${ANSWERS_JOB:+ answers=$ANSWERS_JOB}"
+printf 'prepare=%s%s score=%s train=%s eval=%s%s\n' "$PREP" "${SERVER:+ reward_server=$SERVER}" "$SCORE" "$TRAIN" \
+  "$EVAL" "${ANSWERS_JOB:+ answers=$ANSWERS_JOB}"
 [[ $DRY == 1 ]] || echo "logs: $RUN_DIR/logs  (squeue -u ${USER:-$(id -un)}; results in $RUN_DIR/eval/metrics.json)"

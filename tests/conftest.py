@@ -68,6 +68,19 @@ def tiny_mistral_v1(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def vllm_judge(tiny_mistral_v1, tmp_path_factory):
+    """One vLLM CPU server of the tiny Mistral with the real tokenizer (a generative judge), started the first
+    time a test asks for it and shared by the rest of the session: each start costs about a minute."""
+    from stepdpo.testing import VLLMServer
+
+    server = VLLMServer(tiny_mistral_v1, "judge", tmp_path_factory.mktemp("vllm_judge") / "judge.log").start()
+    try:
+        yield server.wait()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def synth_pairs(tmp_path_factory):
     """Generated PRM800K data -> pairs with a held-out split; returns the prepare output dir."""
     from stepdpo.data.prepare import PrepareOptions, prepare

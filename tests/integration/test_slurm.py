@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import REPO, child_env
 from stepdpo.testing import vllm_available
@@ -129,9 +130,12 @@ SEVEN_B = sorted(p for p in (REPO / "configs" / "recipes" / "mistral-7b").glob("
 
 @pytest.mark.skipif(not vllm_available(), reason="no .venv-vllm: run launch/setup.sh --vllm")
 @pytest.mark.parametrize("recipe", SEVEN_B, ids=lambda p: p.stem)
-def test_pipeline_runs_each_7b_recipe_to_a_completed_eval(recipe, cluster, tiny_mistral, tmp_path):
+def test_pipeline_runs_each_7b_recipe_to_a_completed_eval(recipe, cluster, tiny_mistral, tiny_mistral_v1, request,
+                                                          tmp_path):
     """slurm/pipeline.sh with each shipped Mistral-7B recipe, shrunk only by overrides (a tiny Mistral, CPU, two
-    steps, one process): prepare -> reward server -> score -> train (ZeRO-3 on CPU) -> eval, all COMPLETED."""
+    steps, one process): prepare -> reward server -> score -> train (ZeRO-3 on CPU) -> eval, all COMPLETED.
+    The headline recipe (QLoRA) starts its own reward-server job; the others score on a server that is already
+    running (`--reward-url`, the session's vLLM judge), which the pipeline must leave running."""
     from stepdpo.data.synthetic import SynthConfig, write_synthetic
 
     from stepdpo.data.synthetic import SynthOptions, synth
@@ -139,26 +143,31 @@ def test_pipeline_runs_each_7b_recipe_to_a_completed_eval(recipe, cluster, tiny_
     write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=80, seed=4, max_value=9))
     train_args = ("--use_cpu true --max_steps 2 --per_device_train_batch_size 2 --eval_steps 1 "
                   "--run_name 'a name with spaces'")
-    answers = []
-    if recipe.stem == "qlora_zero3":  # the headline recipe also gets the answer-accuracy job (vLLM, merged adapter)
+    answers, reward = [], ["--reward-model", str(tiny_mistral), "--time-reward", "00:20:00"]
+    headline = recipe.stem == "qlora_zero3"
+    if headline:  # the headline recipe also gets the answer-accuracy job (vLLM, merged adapter)
         synth(SynthOptions(out=str(tmp_path / "problems.jsonl"), kind="problems", problems=8, seed=5, max_value=9))
         answers = ["--answers", str(tmp_path / "problems.jsonl")]
+    else:
+        judge = request.getfixturevalue("vllm_judge")
+        reward = ["--reward-model", str(tiny_mistral_v1), "--reward-url", judge.url]
     res = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "run"), "--input",
-                          str(tmp_path / "prm.jsonl"), "--model", str(tiny_mistral), "--reward-model",
-                          str(tiny_mistral), "--recipe", str(recipe), "--cpu", "--mode", "cpu-zero3",
-                          "--train-args", train_args, "--time-reward", "00:20:00", *answers],
+                          str(tmp_path / "prm.jsonl"), "--model", str(tiny_mistral), *reward, "--recipe", str(recipe),
+                          "--cpu", "--mode", "cpu-zero3", "--train-args", train_args, *answers],
                          env=cluster, capture_output=True, text=True, check=True)
     # the recipe states a global batch of 128; one CPU process with batch 2 x accumulation 4 or 8 is not that
     assert "warning:" in res.stderr and "states 128" in res.stderr
     ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
-    assert set(ids) == {"prepare", "reward_server", "score", "train", "eval"} | ({"answers"} if answers else set())
+    assert set(ids) == {"prepare", "score", "train", "eval"} | ({"reward_server", "answers"} if headline else set())
     logs = tmp_path / "run" / "logs"
     state = wait_state(cluster, ids["eval"], timeout=900)
     assert state == "COMPLETED", "\n".join(p.read_text()[-2500:] for p in sorted(logs.glob("*.out")))
     for stage in ("prepare", "score", "train"):
         assert job_field(cluster, ids[stage], "JobState") == "COMPLETED"
-    # the score stage stopped the server when it finished
-    assert wait_state(cluster, ids["reward_server"], timeout=60) in {"CANCELLED", "COMPLETED"}
+    if headline:  # the score stage stopped the server it started when it finished
+        assert wait_state(cluster, ids["reward_server"], timeout=60) in {"CANCELLED", "COMPLETED"}
+    else:  # and left alone the one it was given
+        assert requests.get(f"{judge.url}/health", timeout=10).status_code == 200
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["pairs"] > 0 and "pair_accuracy_ref" in metrics
     assert metrics["settings"]["beta"] == 0.5 and metrics["settings"]["from"]["beta"] == "run"  # the recipe's
@@ -166,6 +175,8 @@ def test_pipeline_runs_each_7b_recipe_to_a_completed_eval(recipe, cluster, tiny_
     assert metrics["reference"] == ("adapter disabled" if "lora" in recipe.stem else str(tiny_mistral))
     report = json.loads((tmp_path / "run" / "scored" / "score_report.json").read_text())
     assert report["backend"] == "vllm" and report["scored"] == report["substeps"]
+    if not headline:
+        assert report["urls"] == [judge.url] and not (tmp_path / "run" / "reward_urls").exists()
     assert (tmp_path / "run" / "eval" / "training_curves.png").is_file()
     saved = json.loads((tmp_path / "run" / "train" / "final" / "stepdpo_config.json").read_text())
     assert saved["run_name"] == "a name with spaces"  # one argument, through sbatch, srun and train.sh
@@ -217,6 +228,21 @@ def test_pipeline_validates_and_dry_runs(cluster, tiny_mistral, tmp_path):
     assert res.stderr.count("sbatch --parsable") == 5 and "--dependency afterok:\\<score\\>" in res.stderr
     assert "--nodes 2 --ntasks-per-node 1 --gpus-per-node 8" in res.stderr
     assert "squeue" not in res.stdout and not (tmp_path / "r" / "score_job_id").exists()
+    # --reward-url: servers already running; no reward-server job, and the score job neither waits nor cancels
+    given = base + ["--input", str(tmp_path / "d.jsonl"), "--reward-url", "http://n1:8100", "--reward-url",
+                    "http://n2:8100", "--dry-run"]
+    res = subprocess.run(given, env=cluster, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("prepare=<prepare> score=<score> train=")
+    assert res.stderr.count("sbatch --parsable") == 4 and "reward_server.sbatch" not in res.stderr
+    assert "--url\\ http://n1:8100\\ --url\\ http://n2:8100" in res.stderr
+    assert "WAIT_URLS_DIR" not in res.stderr and "SERVER_JOB_ID" not in res.stderr
+    for extra, message in [(["--reward-url", "n1:8100"], "not an http(s):// URL"),
+                           (["--reward-url", "http://me:secret@n1:8100"], "--api-key-file"),
+                           (["--reward-url", "http://n1:8100", "--serve-args", "--tp 2"], "--serve-args configures"),
+                           (["--served-model-name", "rm"], "goes with --reward-url")]:
+        res = subprocess.run(base + ["--input", str(tmp_path / "d.jsonl"), *extra], env=cluster, capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and message in res.stderr and "secret" not in res.stderr, res.stderr
 
 
 def test_loop_runs_sft_then_two_rounds_of_mine_and_train(cluster, tiny_mistral, tmp_path):

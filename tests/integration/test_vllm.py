@@ -40,16 +40,18 @@ def classifier_prm(tiny_mistral_v1, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_mistral_v1, classifier_prm, tmp_path_factory):
+def servers(tiny_mistral_v1, classifier_prm, tmp_path_factory, request):
     logs = tmp_path_factory.mktemp("vllm")
-    started = {  # all start at once: about a minute each, in parallel
-        "judge": VLLMServer(tiny_mistral_v1, "judge", logs / "judge.log").start(),
+    started = {  # both start at once: about a minute each, in parallel
         "prm": VLLMServer(tiny_mistral_v1, "prm", logs / "prm.log").start(),
         "prm-classifier": VLLMServer(classifier_prm, "prm", logs / "prm_classifier.log",
                                      extra=["--prm-head", "classifier"]).start(),
     }
     try:
-        yield {name: server.wait() for name, server in started.items()}
+        # The session's judge (the SLURM tests may have started it). Asked for only now, so that when it is not
+        # running yet, its start overlaps with the two above.
+        judge = request.getfixturevalue("vllm_judge")
+        yield {"judge": judge} | {name: server.wait() for name, server in started.items()}
     finally:
         for server in started.values():
             server.stop()
@@ -114,43 +116,6 @@ def test_unreachable_url_is_a_clear_error_within_seconds(hand_pairs, tiny_mistra
     assert time.monotonic() - start < 30  # includes Python start-up and imports
 
 
-def test_server_killed_mid_run_then_resumed(servers, tiny_mistral_v1, tmp_path):
-    """Kill the server while scoring; restart it; the resumed run scores only what is missing and
-    gives the uninterrupted result."""
-    from stepdpo.data.prepare import PrepareOptions, prepare
-    from stepdpo.data.synthetic import SynthConfig, write_synthetic
-
-    write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=150, seed=9))  # 616 substeps
-    prepare([tmp_path / "prm.jsonl"], tmp_path / "pairs", PrepareOptions(progress=False))
-    pairs = tmp_path / "pairs" / "pairs.jsonl"
-    server = servers["judge"]
-    out = tmp_path / "scored"
-    cache = out / "score_cache.jsonl"
-    cmd = [sys.executable, "-m", "stepdpo.cli", "score", "--pairs", str(pairs), "--model", str(tiny_mistral_v1),
-           "--backend", "vllm", "--url", server.url, "--out", str(out), "--batch-size", "4", "--concurrency", "1",
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 40):
-        time.sleep(0.1)
-    server.kill()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
-    assert server.url in err and "re-run to resume" in err
-    cached = len(cache.read_text().splitlines())
-    assert cached >= 40
-
-    server.start().wait()  # same port, same URL
-    res = score(pairs, tiny_mistral_v1, out, "vllm", "judge", server.url, extra=["--batch-size", "16"])
-    report = json.loads((out / "score_report.json").read_text())
-    assert report["cache_hits"] == cached and report["scored"] == report["substeps"] - cached
-    assert len(cache.read_text().splitlines()) == report["substeps"]  # nothing scored twice
-    score(pairs, tiny_mistral_v1, tmp_path / "uninterrupted", "hf", "judge")
-    for x, y in zip(rewards(out), rewards(tmp_path / "uninterrupted")):
-        assert x == pytest.approx(y, abs=1e-5)
-    assert res.returncode == 0
-
-
 def test_prm_rewards_follow_math_shepherds_definition(servers, hand_pairs, tiny_mistral_v1, tmp_path):
     """math-shepherd: P('▁+') of the 2-way softmax over the LM-head rows 648 ('▁+') and 387 ('▁-'), read at every
     '▁ки' (12902). Computed here with plain transformers, then compared with both backends."""
@@ -203,42 +168,63 @@ def test_greedy_generation_is_token_identical_on_both_backends(servers, tiny_mis
     assert report["backend"] == "vllm" and report["generated"] == 10
 
 
-def test_mine_against_a_server_killed_and_restarted(servers, tiny_mistral_v1, tmp_path):
-    """`stepdpo mine` on a vLLM server that is killed mid-run: one line naming the server and how to resume;
-    after a restart the same command generates only what is missing, and a third run generates nothing and
-    writes the same pairs."""
-    from stepdpo.data.synthetic import SynthOptions, synth
+def test_score_and_mine_survive_a_server_killed_mid_run(servers, tiny_mistral_v1, tmp_path):
+    """`stepdpo score` and `stepdpo mine` on one vLLM server, killed while both run (one kill and one restart
+    serve both: each start costs about a minute). Each stops with one line naming the server and how to
+    resume. After a restart, the resumed score asks only for what is missing and gives the uninterrupted
+    result; the resumed mine generates only what is missing, and a third run generates nothing and writes the
+    same pairs."""
+    from stepdpo.data.prepare import PrepareOptions, prepare
+    from stepdpo.data.synthetic import SynthConfig, SynthOptions, synth, write_synthetic
 
+    write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=150, seed=9))  # 616 substeps
+    prepare([tmp_path / "prm.jsonl"], tmp_path / "pairs", PrepareOptions(progress=False))
+    pairs = tmp_path / "pairs" / "pairs.jsonl"
     synth(SynthOptions(out=str(tmp_path / "problems.jsonl"), kind="problems", problems=40, seed=4, max_value=9))
     server = servers["judge"]
-    out = tmp_path / "mined"
-    cache = out / "mine_cache.jsonl"
-    cmd = [sys.executable, "-m", "stepdpo.cli", "mine", "--problems", str(tmp_path / "problems.jsonl"), "--model",
-           str(tiny_mistral_v1), "--out", str(out), "--backend", "vllm", "--url", server.url, "--samples", "4",
-           "--rollouts", "2", "--max-new-tokens", "24", "--batch-size", "4", "--concurrency", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    def lines():  # JSON Lines end at "\n" only: a sample's text may hold U+2028 and the like
+    scored, mined = tmp_path / "scored", tmp_path / "mined"
+    score_cmd = [sys.executable, "-m", "stepdpo.cli", "score", "--pairs", str(pairs), "--model", str(tiny_mistral_v1),
+                 "--backend", "vllm", "--url", server.url, "--out", str(scored), "--batch-size", "4", "--concurrency",
+                 "1", "--no-progress"]
+    mine_cmd = [sys.executable, "-m", "stepdpo.cli", "mine", "--problems", str(tmp_path / "problems.jsonl"), "--model",
+                str(tiny_mistral_v1), "--out", str(mined), "--backend", "vllm", "--url", server.url, "--samples", "4",
+                "--rollouts", "2", "--max-new-tokens", "24", "--batch-size", "4", "--concurrency", "1",
+                "--no-progress"]
+
+    def lines(cache):  # JSON Lines end at "\n" only: a sample's text may hold U+2028 and the like
         return cache.read_text(encoding="utf-8").count("\n") if cache.exists() else 0
 
-    while time.monotonic() < deadline and lines() < 40:
+    score_cache, mine_cache = scored / "score_cache.jsonl", mined / "mine_cache.jsonl"
+    procs = [subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in (score_cmd, mine_cmd)]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and min(lines(score_cache), lines(mine_cache)) < 40:
         time.sleep(0.1)
     server.kill()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
-    assert server.url in err and "re-run the same command to resume" in err and "Traceback" not in err
-    cached = lines()
-    assert cached >= 40
+    (_, score_err), (_, mine_err) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], score_err + mine_err
+    assert server.url in score_err and "re-run to resume" in score_err
+    assert server.url in mine_err and "re-run the same command to resume" in mine_err and "Traceback" not in mine_err
+    score_cached, mine_cached = lines(score_cache), lines(mine_cache)
+    assert score_cached >= 40 and mine_cached >= 40
 
     server.start().wait()  # same port, same URL
-    subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
-    resumed = json.loads((out / "report.json").read_text())
-    assert resumed["cache_hits"] >= cached  # nothing that arrived before the kill was asked for again
-    total = lines()
-    assert resumed["generations"] == total - cached and resumed["generations"] > 0
-    first_pairs = (out / "pairs.jsonl").read_text()
+    res = score(pairs, tiny_mistral_v1, scored, "vllm", "judge", server.url, extra=["--batch-size", "16"])
+    report = json.loads((scored / "score_report.json").read_text())
+    assert report["cache_hits"] == score_cached and report["scored"] == report["substeps"] - score_cached
+    assert lines(score_cache) == report["substeps"]  # nothing scored twice
+    assert res.returncode == 0
+    score(pairs, tiny_mistral_v1, tmp_path / "uninterrupted", "hf", "judge")
+    for x, y in zip(rewards(scored), rewards(tmp_path / "uninterrupted")):
+        assert x == pytest.approx(y, abs=1e-5)
 
-    subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
-    again = json.loads((out / "report.json").read_text())
+    subprocess.run(mine_cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
+    resumed = json.loads((mined / "report.json").read_text())
+    assert resumed["cache_hits"] >= mine_cached  # nothing that arrived before the kill was asked for again
+    total = lines(mine_cache)
+    assert resumed["generations"] == total - mine_cached and resumed["generations"] > 0
+    first_pairs = (mined / "pairs.jsonl").read_text()
+    subprocess.run(mine_cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
+    again = json.loads((mined / "report.json").read_text())
     assert again["generations"] == 0 and again["cache_hits"] == total
-    assert (out / "pairs.jsonl").read_text() == first_pairs
+    assert (mined / "pairs.jsonl").read_text() == first_pairs

@@ -1,0 +1,30 @@
+"""The shell entry points (launch/, slurm/): `--help` prints the script's whole header comment."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ["launch/serve_reward.sh", "launch/train.sh", "slurm/loop.sh", "slurm/pipeline.sh"]
+
+
+def header(path: Path) -> str:
+    lines = []
+    for line in path.read_text().splitlines()[1:]:  # after the shebang, up to the first line of code
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_the_whole_header_and_nothing_else(script):
+    # The usage text used to be a fixed line range: pipeline.sh's lost its last line (--dry-run, --help) when
+    # options were added, and train.sh's and serve_reward.sh's printed lines of code after the header.
+    res = subprocess.run(["bash", str(REPO / script), "--help"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == header(REPO / script)
+    assert "set -euo" not in res.stdout and len(res.stdout.splitlines()) > 3
