@@ -50,6 +50,16 @@ VLLM_CASES = ("vllm_client_vs_raw", "generate_vllm_vs_raw")
 SHARED_SERVER_ENV = "STEPDPO_BENCH_VLLM"  # JSON [model dir, url]: the harness's server, set for its children
 
 
+def _on_judge_server(case, quick: bool) -> dict:
+    from stepdpo.testing import vllm_available
+
+    if not vllm_available():
+        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
+    tmp = Path(tempfile.mkdtemp())
+    with judge_server(tmp) as (model, url):
+        return case(quick, model, url, tmp)
+
+
 @contextmanager
 def judge_server(log_dir: Path):
     """(model, url): a vLLM judge server of the tiny Mistral. The harness starts one for all the vLLM cases and
@@ -125,13 +135,7 @@ def prm_single_pass(quick: bool) -> dict:
 
 def vllm_client_vs_raw(quick: bool) -> dict:
     """`stepdpo score --backend vllm` vs sending the same prompts to the same server as raw batched requests."""
-    from stepdpo.testing import vllm_available
-
-    if not vllm_available():
-        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
-    tmp = Path(tempfile.mkdtemp())
-    with judge_server(tmp) as (model, url):
-        return _vllm_client_vs_raw(quick, model, url, tmp)
+    return _on_judge_server(_vllm_client_vs_raw, quick)
 
 
 def _vllm_client_vs_raw(quick: bool, model: Path, url: str, tmp: Path) -> dict:
@@ -187,13 +191,7 @@ def _vllm_client_vs_raw(quick: bool, model: Path, url: str, tmp: Path) -> dict:
 def generate_vllm_vs_raw(quick: bool) -> dict:
     """`stepdpo generate --backend vllm` vs the same prompts sent to the same server as raw batched requests:
     samples per second (stepdpo / raw; the target is >= 0.8)."""
-    from stepdpo.testing import vllm_available
-
-    if not vllm_available():
-        return {"skipped": "no .venv-vllm (launch/setup.sh --vllm)"}
-    tmp = Path(tempfile.mkdtemp())
-    with judge_server(tmp) as (model, url):
-        return _generate_vllm_vs_raw(quick, model, url, tmp)
+    return _on_judge_server(_generate_vllm_vs_raw, quick)
 
 
 def _generate_vllm_vs_raw(quick: bool, model: Path, url: str, tmp: Path) -> dict:

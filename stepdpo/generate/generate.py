@@ -187,15 +187,27 @@ class VLLMGenerator:
         eos = self.tokenizer.eos_token_id
 
         def call(url, batch):
-            rows = self.client.complete(url, [list(u.prompt_ids) for u in batch], n=1,
-                                        max_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                                        top_p=s["top_p"], seed=batch_seed(batch, s["seed"]), stop=s["stop"] or None)
-            out = []
-            for (r,) in rows:
-                tokens = r["token_ids"]
-                if tokens and tokens[-1] == eos:
-                    tokens = tokens[:-1]
-                out.append({"text": r["text"], "token_ids": tokens, "finish_reason": r["finish_reason"]})
+            # vLLM gives every prompt of a request the request's seed, and sample j of n the seed + j
+            # (vllm/v1/engine/parallel_sampling.py). Copies of one prompt in a request (the K samples of a
+            # problem, the M rollouts of a prefix) would all draw the same sample, so each prompt goes once,
+            # with n = its copies; prompts with as many copies share a request.
+            copies: dict[tuple[int, ...], list[int]] = {}
+            for i, u in enumerate(batch):
+                copies.setdefault(u.prompt_ids, []).append(i)
+            by_n: dict[int, list[tuple[int, ...]]] = {}
+            for ids, members in copies.items():
+                by_n.setdefault(len(members), []).append(ids)
+            out: list[dict | None] = [None] * len(batch)
+            for n, prompts in sorted(by_n.items()):
+                rows = self.client.complete(url, [list(ids) for ids in prompts], n=n, max_tokens=s["max_new_tokens"],
+                                            temperature=s["temperature"], top_p=s["top_p"],
+                                            seed=batch_seed(batch, s["seed"]), stop=s["stop"] or None)
+                for ids, samples in zip(prompts, rows):
+                    for i, r in zip(copies[ids], samples):
+                        tokens = r["token_ids"]
+                        if tokens and tokens[-1] == eos:
+                            tokens = tokens[:-1]
+                        out[i] = {"text": r["text"], "token_ids": tokens, "finish_reason": r["finish_reason"]}
             return out
 
         self.client.map_batches(batches, call, on_result)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import requests
 
 from tests.conftest import child_env
 from stepdpo.testing import VLLMServer, vllm_available
@@ -166,6 +167,38 @@ def test_greedy_generation_is_token_identical_on_both_backends(servers, tiny_mis
         assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) > 0, (a["id"], a["text"], b["text"])
         assert a["finish_reason"] == b["finish_reason"]
     assert report["backend"] == "vllm" and report["generated"] == 10
+
+
+def test_seeded_sampling_survives_prompts_split_across_steps(servers):
+    """More prompt tokens at once than one engine step takes (2,048 on CPU), sampled with a seed, as `mine` and
+    `generate` send them. With chunked prefill, vLLM's CPU build rewinds a seeded CPU generator's offset for
+    the part-prefilled prompt and its engine dies ("CPU Generator does not use offset"); the CPU server
+    runs without chunked prefill (launch/serve_reward.sh)."""
+    from stepdpo.reward.vllm import VLLMClient
+
+    server = servers["judge"]
+    client = VLLMClient([server.url], str(server.model))
+    prompts = [[1] + [100 + i] * 60 for i in range(64)]  # 64 x 61 = 3,904 prompt tokens in one request
+    out = client.complete(server.url, prompts, n=2, max_tokens=4, temperature=1.0, seed=0)
+    assert len(out) == 64 and all(len(samples) == 2 for samples in out)
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_samples_of_one_problem_differ_on_vllm(servers, tiny_mistral_v1, tmp_path):
+    """vLLM seeds every prompt of a request alike: the K samples of a problem, sent as K copies of its prompt,
+    came back as one sample K times, and `mine` on vLLM found a tenth of the pairs it found in-process."""
+    from stepdpo.data.synthetic import SynthOptions, synth
+    from stepdpo.generate.generate import GenerateOptions, generate
+
+    synth(SynthOptions(out=str(tmp_path / "p.jsonl"), kind="problems", problems=6, seed=2, max_value=9))
+    generate(GenerateOptions(problems=str(tmp_path / "p.jsonl"), model=str(tiny_mistral_v1), out=str(tmp_path / "g"),
+                             backend="vllm", url=[servers["judge"].url], n=4, temperature=1.0,
+                             max_new_tokens=12, batch_size=10, progress=False))  # 10: groups of 4 split
+    rows = [json.loads(x) for x in (tmp_path / "g" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    for pid in {r["problem_id"] for r in rows}:
+        samples = [tuple(r["token_ids"]) for r in rows if r["problem_id"] == pid]
+        assert len(samples) == 4 and len(set(samples)) > 1, pid  # a random 32,000-piece model at temperature 1
 
 
 def test_score_and_mine_survive_a_server_killed_mid_run(servers, tiny_mistral_v1, tmp_path):
