@@ -127,19 +127,17 @@ def render(results: dict, mach: dict, quick: bool) -> str:
 @contextmanager
 def shared_vllm_server(names: list[str]):
     """One vLLM server for every vLLM case in this run (see benchmarks.cases.judge_server); the env for them."""
-    from benchmarks.cases import SHARED_SERVER_ENV, VLLM_CASES, _tiny
-    from stepdpo.testing import VLLMServer, vllm_available
+    import tempfile
+
+    from benchmarks.cases import SHARED_SERVER_ENV, VLLM_CASES, judge_server
+    from stepdpo.testing import vllm_available
 
     if sum(n in VLLM_CASES for n in names) < 2 or not vllm_available():
         yield {}
         return
-    model = _tiny("mistral")
     print("[bench] starting the vLLM server the vLLM cases share ...", flush=True)
-    server = VLLMServer(model, "judge", model.parent / "vllm.log").start().wait()
-    try:
-        yield {SHARED_SERVER_ENV: json.dumps([str(model), server.url])}
-    finally:
-        server.stop()
+    with judge_server(Path(tempfile.mkdtemp())) as (model, url):
+        yield {SHARED_SERVER_ENV: json.dumps([str(model), url])}
 
 
 def main() -> int:

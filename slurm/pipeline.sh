@@ -180,7 +180,8 @@ PREP=$(submit prepare ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")
   "${COMMON[@]}" --job-name stepdpo-prepare --time "$T_PREP" --output "$RUN_DIR/logs/prepare-%j.out" \
   "$REPO/slurm/stage.sbatch")
 
-SERVER=""; SERVER_ENV=(WAIT_URLS_DIR="$RUN_DIR/reward_urls")
+# With --reward-url the servers are not the pipeline's: the score job neither waits for a URL file nor stops them.
+SERVER=""; SERVER_ENV=()
 URL_ARGS=""; for u in ${REWARD_URLS[@]+"${REWARD_URLS[@]}"}; do URL_ARGS+=" --url $u"; done
 if [[ ${#REWARD_URLS[@]} -eq 0 ]]; then
   REWARD_COMMON=("${COMMON[@]}")
@@ -192,9 +193,7 @@ if [[ ${#REWARD_URLS[@]} -eq 0 ]]; then
     API_KEY_FILE="$API_KEY_FILE" WATCH_JOB_FILE="$RUN_DIR/score_job_id" ENV_SETUP="$VLLM_SETUP" -- \
     "${REWARD_COMMON[@]}" --job-name stepdpo-reward --nodes "$REPLICAS" --ntasks-per-node 1 "${REWARD_GPU_ARGS[@]}" \
     --time "$T_REWARD" --output "$RUN_DIR/logs/reward-%j.out" "$REPO/slurm/reward_server.sbatch")
-  SERVER_ENV+=(SERVER_JOB_ID="$SERVER")
-else
-  SERVER_ENV=()  # a server the pipeline did not start: the score job neither waits for a URL file nor stops it
+  SERVER_ENV=(WAIT_URLS_DIR="$RUN_DIR/reward_urls" SERVER_JOB_ID="$SERVER")
 fi
 
 SCORE=$(submit score ENV_SETUP="$ENV_SETUP" SRUN_ARGS="$(srun_args "$ENV_SPEC")" ${SERVER_ENV[@]+"${SERVER_ENV[@]}"} \

@@ -198,10 +198,11 @@ class VLLMGenerator:
             for ids, members in copies.items():
                 by_n.setdefault(len(members), []).append(ids)
             out: list[dict | None] = [None] * len(batch)
+            seed = batch_seed(batch, s["seed"])
             for n, prompts in sorted(by_n.items()):
                 rows = self.client.complete(url, [list(ids) for ids in prompts], n=n, max_tokens=s["max_new_tokens"],
-                                            temperature=s["temperature"], top_p=s["top_p"],
-                                            seed=batch_seed(batch, s["seed"]), stop=s["stop"] or None)
+                                            temperature=s["temperature"], top_p=s["top_p"], seed=seed,
+                                            stop=s["stop"] or None)
                 for ids, samples in zip(prompts, rows):
                     for i, r in zip(copies[ids], samples):
                         tokens = r["token_ids"]

@@ -184,7 +184,7 @@ class VLLMClient:
         while True:
             url = self._pick(i, tried)
             if url is None:
-                raise self._none_left(tried)
+                raise self._none_left()
             with self._slots[url]:
                 with self._lock:
                     self._in_flight[url] += 1
@@ -203,17 +203,17 @@ class VLLMClient:
                 self.url_stats[url]["batches"] += 1
             return result
 
-    def _none_left(self, tried: set[str]) -> VLLMError:
+    def _none_left(self) -> VLLMError:
         """The error when no URL is left for a batch. It may be that this batch tried none of them: with
         several batches in flight, other batches can take every URL out of rotation first. So the message is
-        built from every URL's last error, not from this batch's own."""
+        built from every URL's last error, not from this batch's own. Every URL has one: a URL is left out
+        only once this batch saw it fail or `_failed` took it out of rotation, and `_failed` records first.
+        (How to resume is the caller's to say: it knows what it cached.)"""
         with self._lock:
-            errors = {u: self._last_error.get(u) for u in self.urls if u in tried or u in self.dead}
-        details = "; ".join(str(e) if e else f"{u}: out of rotation" for u, e in errors.items())
-        kind = RetryBudgetExhausted if any(isinstance(e, RetryBudgetExhausted) for e in errors.values()) \
-            else ServerUnreachable
-        return kind(f"every vLLM URL failed ({details}). Check that the servers are up (launch/serve_reward.sh "
-                    "prints each URL when ready), then run again: finished batches are cached")
+            errors = [self._last_error[u] for u in self.urls]
+        kind = RetryBudgetExhausted if any(isinstance(e, RetryBudgetExhausted) for e in errors) else ServerUnreachable
+        return kind(f"every vLLM URL failed ({'; '.join(map(str, errors))}). Check that the servers are up "
+                    "(launch/serve_reward.sh prints each URL when ready)")
 
     def _failed(self, url: str, error: VLLMError, tried: set[str]) -> None:
         with self._lock:

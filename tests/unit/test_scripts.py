@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
+
 SCRIPTS = ["launch/serve_reward.sh", "launch/train.sh", "slurm/loop.sh", "slurm/pipeline.sh"]
 
 
