@@ -3,7 +3,7 @@
 Prompts are rendered by the one renderer (`render_prompt`, chat template included) and sent as token ids, so
 both backends see exactly the training input; greedy outputs of the two are token-identical. Samples are
 appended to OUT/generate_cache.jsonl as each batch arrives (keyed by the model's identity, the sampling
-settings and the prompt), so a crash or a killed server loses at most the batches in flight and a re-run
+settings, the prompt and, for vLLM, its sampling scheme), so a crash or a killed server loses at most the batches in flight and a re-run
 generates only what is missing. OUT/samples.jsonl holds one line per sample: id, problem_id, problem,
 sample, text, steps (the shared step splitter), token_ids, finish_reason; OUT/report.json has samples/s.
 """
@@ -95,10 +95,24 @@ def open_policy(options: PolicyOptions, settings: dict, model=None):
     token = resolve_token(options.hf_token_file).value
     tokenizer = load_tokenizer(options.model, None, token)
     style = prompt_style(tokenizer, options.chat_template, options.system_prompt, options.instruction)
-    identity = json.dumps([model_identity(options.model, token), settings, style.key()])
+    identity = policy_identity(model_identity(options.model, token), settings, style.key(), options.backend)
     generator = (HFGenerator(options.model, tokenizer, token, options.dtype, model=model) if options.backend == "hf"
                  else VLLMGenerator(options, tokenizer))
     return tokenizer, style, identity, generator
+
+
+# How a backend turns the cache's units into samples, where a change makes old cached samples wrong. vLLM's
+# samples are tagged: before "n-per-prompt", copies of a prompt went in one request, and vLLM seeds every
+# prompt of a request alike, so a problem's K samples (and a prefix's M rollouts) were one sample K times.
+# Those cached rows must not be reused. The in-process scheme never changed, so its keys stay as they were.
+SAMPLING_SCHEMES = {"hf": None, "vllm": "n-per-prompt"}
+
+
+def policy_identity(model: str, settings: dict, style: str, backend: str) -> str:
+    """The model part of every cache key: the model's identity, the sampling settings, the prompt style and,
+    where a backend's sampling scheme has changed, that scheme."""
+    scheme = SAMPLING_SCHEMES[backend]
+    return json.dumps([model, settings, style] + ([{"sampling": scheme}] if scheme else []))
 
 
 @dataclass(frozen=True)
