@@ -3,9 +3,10 @@
 Prompts are rendered by the one renderer (`render_prompt`, chat template included) and sent as token ids, so
 both backends see exactly the training input; greedy outputs of the two are token-identical. Samples are
 appended to OUT/generate_cache.jsonl as each batch arrives (keyed by the model's identity, the sampling
-settings, the prompt and, for vLLM, its sampling scheme), so a crash or a killed server loses at most the batches in flight and a re-run
-generates only what is missing. OUT/samples.jsonl holds one line per sample: id, problem_id, problem,
-sample, text, steps (the shared step splitter), token_ids, finish_reason; OUT/report.json has samples/s.
+settings, the prompt and, for vLLM, its sampling scheme), so a crash or a killed server loses at most the
+batches in flight and a re-run generates only what is missing. OUT/samples.jsonl holds one line per sample:
+id, problem_id, problem, sample, text, steps (the shared step splitter), token_ids, finish_reason;
+OUT/report.json has samples/s.
 """
 
 from __future__ import annotations
