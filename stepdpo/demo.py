@@ -50,7 +50,8 @@ class DemoOptions:
     steps: int | None = opt(None, f"Training steps (default {DEFAULTS['t5']['steps']}).")
     progress: bool = opt(True, "Show a progress bar (with ETA) while training.")
     loop: bool = opt(False, "The whole loop instead: sft -> answer accuracy A0 -> mine -> stepwise DPO -> A1, with a "
-                     "control (as many further SFT steps) -> AC; tiny Mistral. Writes OUT/summary.json.")
+                     "control (as many further SFT steps) -> AC, and an RFT control (as many steps on the policy's "
+                     "own right samples); tiny Mistral. Writes OUT/summary.json.")
     backend: str = opt("hf", "--loop: generation in-process (hf) or on a vLLM CPU server (vllm).", choices=("hf", "vllm"))
 
     def __post_init__(self):
@@ -176,7 +177,8 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
              **overrides) -> dict:
     """tiny Mistral -> sft on generated arithmetic -> answer accuracy A0 on held-out problems -> mine on the
     training problems -> stepwise DPO -> A1 on the same held-out problems; and the control: the SFT model trained
-    further on the training problems' correct solutions for the same number of steps -> AC."""
+    further on the training problems' correct solutions for the same number of steps -> AC (with two more beside
+    it: at the SFT stage's learning rate, and RFT on the policy's own right samples from `mine`)."""
     from stepdpo.data.synthetic import SynthOptions, synth
     from stepdpo.generate.mine import MineOptions, mine
     from stepdpo.tiny import build_tiny_model
@@ -192,8 +194,8 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
                   per_device_train_batch_size=p["batch"], lr_scheduler_type="constant", logging_steps=25,
                   disable_tqdm=not progress)
 
-    def sft(model, run, steps, lr):
-        sft_main(StepSFTConfig(model_name_or_path=str(model), train_data=str(out / "train.jsonl"), output_dir=str(run),
+    def sft(model, run, steps, lr, data="train.jsonl"):
+        sft_main(StepSFTConfig(model_name_or_path=str(model), train_data=str(out / data), output_dir=str(run),
                                max_steps=steps, learning_rate=lr, **common))
         return run / "final"
 
@@ -239,6 +241,12 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
         with _stage(stages, "answers_control_at_sft_lr"):
             control_hi = _answers(control_hi_model, out / "answers_control_sft_lr", out / "test.jsonl", p, servers,
                                   progress)
+        # Self-training on the same information as the pairs (the policy's right samples, graded by the reference
+        # answers; no reference solutions): rejection-sampling fine-tuning, the usual baseline for a loop like this.
+        with _stage(stages, "control_rft"):
+            rft_model = sft(policy, out / "control_rft", p["dpo_steps"], p["dpo_lr"], data="mine/solved.jsonl")
+        with _stage(stages, "answers_control_rft"):
+            rft = _answers(rft_model, out / "answers_control_rft", out / "test.jsonl", p, servers, progress)
     finally:
         servers.stop()
     summary = {
@@ -248,10 +256,13 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
         "controls": {"control": {"steps": p["dpo_steps"], "learning_rate": p["dpo_lr"], "accuracy": control["accuracy"],
                                  "note": "as many SFT steps as DPO took, at DPO's learning rate: answer_accuracy.control"},
                      "at_sft_lr": {"steps": p["dpo_steps"], "learning_rate": p["sft_lr"],
-                                   "accuracy": control_hi["accuracy"]}},
+                                   "accuracy": control_hi["accuracy"]},
+                     "rft": {"steps": p["dpo_steps"], "learning_rate": p["dpo_lr"], "accuracy": rft["accuracy"],
+                             "solutions": mined["solved_solutions"],
+                             "note": "as many SFT steps on the policy's own right samples (mine/solved.jsonl)"}},
         "stages": stages, "total_seconds": round(sum(stages.values()), 2), "backend": backend, "settings": p,
         "invalid_answers": {"before": before["invalid"], "after": after["invalid"], "control": control["invalid"],
-                            "control_at_sft_lr": control_hi["invalid"]},
+                            "control_at_sft_lr": control_hi["invalid"], "control_rft": rft["invalid"]},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     a = summary["answer_accuracy"]
@@ -262,6 +273,7 @@ def run_loop(out: str | Path = "loop_out", seed: int = 0, backend: str = "hf", p
                        ("control: + as many SFT steps", "control")):
         print(f"{label:34s} {a[key]:10.3f}")
     print(f"{'  (control at the SFT lr ' + format(p['sft_lr'], 'g') + ')':34s} {control_hi['accuracy']:10.3f}")
+    print(f"{'  (control on own right samples)':34s} {rft['accuracy']:10.3f}")
     print("stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) +
           f"; total {summary['total_seconds']:.1f}")
     gain, behind = 100 * (a["after"] - a["before"]), 100 * (a["control"] - a["after"])

@@ -45,6 +45,11 @@ def test_the_loop_writes_its_summary(tmp_path):
 
     assert args("control") == args("dpo") and args("dpo")["learning_rate"] == s["settings"]["dpo_lr"]
     assert args("control_sft_lr")["learning_rate"] == s["settings"]["sft_lr"] != s["settings"]["dpo_lr"]
+    # RFT: as many steps again, on the policy's own right samples that `mine` wrote
+    assert args("control_rft") == args("dpo")
+    assert s["controls"]["rft"]["solutions"] == s["mine"]["solved_solutions"] > 0
+    rft = json.loads((tmp_path / "control_rft" / "final" / "stepdpo_config.json").read_text())
+    assert rft["train_data"] == str(tmp_path / "mine" / "solved.jsonl") and 0 <= s["controls"]["rft"]["accuracy"] <= 1
     assert s["controls"]["control"]["accuracy"] == s["answer_accuracy"]["control"]
     assert 0 <= s["controls"]["at_sft_lr"]["accuracy"] <= 1 and s["mine"]["error_rule"] == "max_drop"
     train = {json.loads(x)["problem"] for x in (tmp_path / "train.jsonl").read_text().splitlines()}

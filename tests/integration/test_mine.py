@@ -10,8 +10,9 @@ import pytest
 from stepdpo.cli import parse
 from stepdpo.data.pairs import validate_pair
 from stepdpo.data.synthetic import SynthOptions, synth
+from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
 from stepdpo.generate.mine import MineOptions, mine
-from stepdpo.train.sft import sft_main
+from stepdpo.train.sft import read_solutions, sft_main
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +61,16 @@ def test_mine_finds_errors_and_corrections_with_provenance(solver, tmp_path):
         assert all(v > 0 for j, v in src["rollout_success"].items() if int(j) < k)
     keys = [(p["problem"], tuple(p["prefix_steps"]), p["chosen_steps"][0], p["rejected_steps"][0]) for p in pairs]
     assert len(keys) == len(set(keys))  # deduplicated
+    # the right first samples, for `sft` (RFT): each one a first sample that states the reference answer
+    solved = [json.loads(x) for x in (tmp_path / "solved.jsonl").read_text().splitlines()]
+    answers = {json.loads(x)["problem"]: json.loads(x)["answer"]
+               for x in (solver / "train.jsonl").read_text().splitlines()}
+    assert report["solved_solutions"] == len(solved) > 0 and read_solutions(tmp_path / "solved.jsonl")[1] == []
+    for row in solved:
+        assert by_id[row["id"]]["steps"] == row["steps"] and row["answer"] == answers[row["problem"]]
+        said = locate_answer("\n".join(row["steps"]))[0]
+        assert said is not None and equivalent(parse_answer(row["answer"]), parse_answer(said))
+    assert len(solved) == round(report["sample_accuracy"] * report["samples"])  # every right sample, repeats too
     again = mine(opts)  # everything comes from the cache: nothing is generated twice
     assert again["generations"] == 0 and again["cache_hits"] == report["generations"]
     assert [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == pairs

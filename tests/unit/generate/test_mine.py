@@ -27,3 +27,26 @@ def test_max_drop_is_the_most_negative_change_in_success_rate(rates, start, step
 def test_an_unknown_error_rule_names_the_field_and_the_choices():
     with pytest.raises(StepdpoError, match="--error-rule: .largest. is not one of first_zero, max_drop"):
         MineOptions(problems="p.jsonl", model="m", out="o", error_rule="largest")
+
+
+def test_solved_solutions_are_the_right_samples_as_step_lists():
+    """mine's OUT/solved.jsonl: the K first samples that state the reference answer, repeats included, in the
+    step-list format `sft` reads (the demo's RFT control trains on it)."""
+    from stepdpo.generate.answers import parse_answer
+    from stepdpo.generate.mine import solved_solutions
+    from stepdpo.generate.problems import Problem
+    from stepdpo.train.sft import _solution_from
+
+    def sample(pid, i, steps):
+        return {"id": f"{pid}#{i}", "text": "\n".join(steps), "steps": steps}
+
+    right = ["2 + 3 = 5", "5 * 2 = 10", "The answer is 10."]
+    lucky = ["2 + 3 = 6", "6 * 2 = 10", "The answer is 10."]  # a wrong step, the right answer: kept, as RFT keeps it
+    problems = [Problem("a", "Start with 2. Add 3, then multiply by 2.", "10"), Problem("b", "Start with 1.", "1")]
+    first = [[sample("a", 0, right), sample("a", 1, ["2 + 3 = 5", "The answer is 5."]), sample("a", 2, right),
+              sample("a", 3, lucky)],
+             [sample("b", 0, ["The answer is 2."]), sample("b", 1, [])]]
+    rows = solved_solutions(problems, first, {p.id: parse_answer(p.answer) for p in problems})
+    assert rows == [{"id": f"a#{i}", "problem": problems[0].text, "answer": "10", "steps": steps}
+                    for i, steps in ((0, right), (2, right), (3, lucky))]
+    assert _solution_from(rows[0], "auto") == (problems[0].text, right)
