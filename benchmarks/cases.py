@@ -265,7 +265,7 @@ def trainer_vs_trl(quick: bool) -> dict:
     steps = 12 if quick else 60
     spec = {"model": str(model), "pairs": str(pairs_path), "steps": steps, "batch": 8, "memory": False, "warmup": 5}
     ours_t, trl_t = [], []
-    for rep in range(2 if quick else 3):
+    for rep in range(1 if quick else 3):  # --quick checks the harness runs, not its numbers
         trl_t.append(train_run(dict(spec, trainer="trl"))["step_s"])
         ours_t.append(train_run(dict(spec, trainer="stepdpo"))["step_s"])
     return {"steps": steps, "trl_step_s": _stats(trl_t), "stepdpo_step_s": _stats(ours_t), "ratio": _ratio(ours_t, trl_t)}
@@ -281,7 +281,7 @@ def precompute_vs_live(quick: bool) -> dict:
     pairs_path = _pairs_file(200)
     steps = 12 if quick else 60
     live_t, pre_t, precompute_s = [], [], []
-    for rep in range(2 if quick else 3):
+    for rep in range(1 if quick else 3):  # --quick checks the harness runs, not its numbers
         for precompute in (False, True):
             timer = StepMeter(memory=False)
             t0 = time.perf_counter()
