@@ -33,7 +33,7 @@ def test_solved_solutions_are_the_right_samples_as_step_lists():
     """mine's OUT/solved.jsonl: the K first samples that state the reference answer, repeats included, in the
     step-list format `sft` reads (the demo's RFT control trains on it)."""
     from stepdpo.generate.answers import parse_answer
-    from stepdpo.generate.mine import solved_solutions
+    from stepdpo.generate.mine import _reaches, solved_solutions
     from stepdpo.generate.problems import Problem
     from stepdpo.train.sft import _solution_from
 
@@ -46,7 +46,8 @@ def test_solved_solutions_are_the_right_samples_as_step_lists():
     first = [[sample("a", 0, right), sample("a", 1, ["2 + 3 = 5", "The answer is 5."]), sample("a", 2, right),
               sample("a", 3, lucky)],
              [sample("b", 0, ["The answer is 2."]), sample("b", 1, [])]]
-    rows = solved_solutions(problems, first, {p.id: parse_answer(p.answer) for p in problems})
+    rows = [row for p, samples in zip(problems, first)  # graded as mine grades them
+            for row in solved_solutions(p, samples, [_reaches(parse_answer(p.answer), (), x["text"]) for x in samples])]
     assert rows == [{"id": f"a#{i}", "problem": problems[0].text, "answer": "10", "steps": steps}
                     for i, steps in ((0, right), (2, right), (3, lucky))]
     assert _solution_from(rows[0], "auto") == (problems[0].text, right)
