@@ -4,6 +4,7 @@ Mistral that carries Mistral-7B-v0.1's real tokenizer (so token ids are the ones
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -227,27 +228,41 @@ def test_score_and_mine_survive_a_server_killed_mid_run(servers, tiny_mistral_v1
     def lines(cache):  # JSON Lines end at "\n" only: a sample's text may hold U+2028 and the like
         return cache.read_text(encoding="utf-8").count("\n") if cache.exists() else 0
 
+    def start_and_hold(cmd, cache, at_least):
+        """Start a client and freeze it (SIGSTOP) once `at_least` results are cached. Both clients are frozen
+        mid-run when the server dies, whatever their relative speed: started together and killed once both had
+        40, score (616 substeps) once finished before mine's first 40 on a loaded CI machine and exited 0."""
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 180
+        while lines(cache) < at_least and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        assert proc.poll() is None and lines(cache) >= at_least, (cmd[3], lines(cache), proc.returncode)
+
     score_cache, mine_cache = scored / "score_cache.jsonl", mined / "mine_cache.jsonl"
-    procs = [subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for cmd in (score_cmd, mine_cmd)]
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and min(lines(score_cache), lines(mine_cache)) < 40:
-        time.sleep(0.1)
-    server.kill()
+    procs: list[subprocess.Popen] = []
     try:
+        start_and_hold(score_cmd, score_cache, 40)
+        start_and_hold(mine_cmd, mine_cache, 4)  # its first batch
+        server.kill()
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
         (_, score_err), (_, mine_err) = (p.communicate(timeout=120) for p in procs)
         assert [p.returncode for p in procs] == [2, 2], score_err + mine_err
         assert server.url in score_err and "re-run to resume" in score_err
         assert server.url in mine_err and "re-run the same command to resume" in mine_err
         assert "Traceback" not in mine_err
         score_cached, mine_cached = lines(score_cache), lines(mine_cache)
-        assert score_cached >= 40 and mine_cached >= 40
+        assert score_cached >= 40 and mine_cached >= 4
     finally:
         # Restart even if an assertion above failed: the server is the session's shared judge, and a failure here
         # must not fail every later test that uses it.
         for proc in procs:
             if proc.poll() is None:  # a client that did not stop must not meet the restarted server
                 proc.kill()
+                proc.wait(timeout=30)
+        server.kill()  # a no-op after the kill above; a server still up (a hold failed) must give its port back
         server.start().wait()  # same port, same URL
     res = score(pairs, tiny_mistral_v1, scored, "vllm", "judge", server.url, extra=["--batch-size", "16"])
     report = json.loads((scored / "score_report.json").read_text())
