@@ -25,7 +25,7 @@ from stepdpo.data.pairs import DEFAULT_INSTRUCTION, PromptStyle, prompt_style, r
 from stepdpo.errors import StepdpoError
 from stepdpo.generate.problems import Problem, read_problems
 from stepdpo.options import REQUIRED, check, check_choice, opt
-from stepdpo.reward.vllm import VLLMError
+from stepdpo.reward.vllm import RECONNECT_HELP, RECONNECT_TIMEOUT, VLLMError
 
 logger = logging.getLogger("stepdpo.generate")
 
@@ -55,6 +55,7 @@ class PolicyOptions:
     concurrency: int = opt(4, "Requests in flight per vLLM server.")
     timeout: float = opt(300.0, "vLLM read timeout in seconds.")
     health_timeout: float = opt(10.0, "Seconds to wait for /health at start.")
+    reconnect_timeout: float = opt(RECONNECT_TIMEOUT, RECONNECT_HELP)
     chat_template: str = opt("auto", "As in training: auto, always or never.", choices=("auto", "always", "never"))
     system_prompt: str | None = opt(None, "As in training.")
     instruction: str = opt(DEFAULT_INSTRUCTION, "As in training.")
@@ -66,6 +67,8 @@ class PolicyOptions:
     def _check_policy(self):
         check_choice(self.backend, "backend", ("hf", "vllm"))
         check(self.backend != "vllm" or bool(self.url), "url", "--backend vllm needs at least one --url")
+        check(self.reconnect_timeout >= 0, "reconnect_timeout", "must be >= 0 seconds (0: stop at once when the "
+              "servers go away)")
 
 
 @dataclass
@@ -192,7 +195,7 @@ class VLLMGenerator:
         self.tokenizer = tokenizer
         self.client = VLLMClient(options.url, options.served_model_name or options.model,
                                  _api_key(options.api_key_env, options.api_key_file), read_timeout=options.timeout,
-                                 concurrency=options.concurrency)
+                                 concurrency=options.concurrency, reconnect_timeout=options.reconnect_timeout)
         try:
             self.client.wait_healthy(options.health_timeout)
         except VLLMError as e:
@@ -229,11 +232,7 @@ class VLLMGenerator:
         self.client.map_batches(batches, call, on_result)
 
     def report(self) -> dict:
-        from stepdpo.reward.vllm import redact_url
-
-        c = self.client
-        return {"requests_sent": c.requests_sent, "retries": c.retries,
-                "per_url": {redact_url(u): v for u, v in c.url_stats.items()}}
+        return self.client.report()
 
 
 def batch_seed(batch: list[Unit], seed: int) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from stepdpo.data.pairs import make_pair, write_jsonl
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
-from stepdpo.generate.generate import PolicyOptions, SampleCache, make_units, open_policy, run_generation
+from stepdpo.generate.generate import (PolicyOptions, SampleCache, VLLMGenerator, make_units, open_policy,
+                                      run_generation)
 from stepdpo.generate.problems import Problem, read_problems
 from stepdpo.errors import StepdpoError
 from stepdpo.options import REQUIRED, check, check_choice, opt
@@ -194,6 +195,7 @@ def mine(options: MineOptions, model=None) -> dict:
             "located_before_first_zero": sum(1 for _, r, k in located if k < max(r["_rates"]))}
            if options.locate == "rollout" else {}),
         "stages": stages,
+        **({"vllm": sampler.generator.report()} if isinstance(sampler.generator, VLLMGenerator) else {}),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))

@@ -23,7 +23,7 @@ from stepdpo.data.pairs import DEFAULT_INSTRUCTION, prompt_style, read_pairs, wr
 from stepdpo.identity import model_identity
 from stepdpo.options import REQUIRED, check, check_choice, opt
 from stepdpo.reward.accuracy import reward_accuracy
-from stepdpo.reward.vllm import redact_url
+from stepdpo.reward.vllm import RECONNECT_HELP, RECONNECT_TIMEOUT, redact_url
 from stepdpo.reward.scorer import (DEFAULT_STEP_TAG, MethodSpec, RewardBackend, ScoreCache, ScoreError, Substep,
                                    substeps_of_pair)
 
@@ -69,6 +69,7 @@ class ScoreOptions:
     timeout: float = opt(120.0, "vLLM read timeout in seconds.")
     health_timeout: float = opt(10.0, "Seconds to wait for /health at start (10: an unreachable URL fails fast; "
                                 "raise it to wait for a server that is still loading its model).")
+    reconnect_timeout: float = opt(RECONNECT_TIMEOUT, RECONNECT_HELP)
     progress: bool = opt(True, "Show a progress bar.")
 
     def __post_init__(self):
@@ -79,6 +80,8 @@ class ScoreOptions:
               "--backend vllm needs at least one --url (launch/serve_reward.sh prints it)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.concurrency >= 1, "concurrency", "must be >= 1")
+        check(self.reconnect_timeout >= 0, "reconnect_timeout", "must be >= 0 seconds (0: stop at once when the "
+              "servers go away)")
 
 
 def _api_key(env_name: str | None, file: str | None) -> str | None:
@@ -118,7 +121,7 @@ def make_backend(options: ScoreOptions, spec: MethodSpec, token: str | None) -> 
         raise ScoreError(f"{spec.model}: vLLM does not serve encoder-decoder judges; use --backend hf")
     backend = VLLMBackend(spec, tokenizer, options.url, options.served_model_name,
                           _api_key(options.api_key_env, options.api_key_file), read_timeout=options.timeout,
-                          concurrency=options.concurrency)
+                          concurrency=options.concurrency, reconnect_timeout=options.reconnect_timeout)
     try:
         backend.wait_healthy(options.health_timeout)
     except VLLMError as e:

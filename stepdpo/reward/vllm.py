@@ -14,6 +14,10 @@ Knobs, and why each exists:
   fails `fail_after` times in a row is taken out of rotation, and `url_stats` says so for the report.
 * health wait: `/health` is polled until 200 or a deadline at start, so a starting server is waited
   for and a dead one is reported by URL.
+* reconnect_timeout: when every URL has gone away mid-run (connection refused: a server killed, crashed or
+  requeued), `/health` is polled for that long before giving up, and the run continues once one answers.
+  A restarted server costs a pause, not a re-run. URLs that answer but fail (HTTP 5xx until the retry
+  budget is spent) are not waited for: waiting cannot tell when that ends. 0 gives up at once.
 The API key comes from an env var or a file; it is sent as a header and never logged or put in argv.
 """
 
@@ -66,11 +70,19 @@ class MalformedResponse(VLLMError):
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
+# The stages' default wait for a server that went away mid-run, as TRL waits for its vLLM server at start
+# (`vllm_server_timeout`, 240 s): long enough for a CPU server's restart here (45-80 s) or a 7B one's on a GPU.
+RECONNECT_TIMEOUT = 240.0
+RECONNECT_HELP = ("vLLM: seconds to wait for a server that went away mid-run (killed, crashed, requeued) to answer "
+                  "/health again; the run then continues. 0 stops at once (what arrived is cached either way: "
+                  "re-running the same command resumes).")
+
 
 class VLLMClient:
     def __init__(self, urls: list[str], model: str, api_key: str | None = None, *, connect_timeout: float = 5.0,
                  read_timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5, max_backoff: float = 8.0,
-                 concurrency: int = 4, fail_after: int = 2):
+                 concurrency: int = 4, fail_after: int = 2, reconnect_timeout: float = 0.0,
+                 reconnect_poll: float = 2.0):
         if not urls:
             raise ValueError("at least one --url is needed for --backend vllm")
         self.urls = [u.rstrip("/") for u in urls]
@@ -81,7 +93,16 @@ class VLLMClient:
         self.max_backoff = max_backoff
         self.concurrency = concurrency
         self.fail_after = fail_after
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnect_poll = reconnect_poll
         self._lock = threading.Lock()
+        self._reconnect_lock = threading.Lock()  # one thread polls /health in an outage; the others queue on it
+        self._outage_since: float | None = None  # when the outage being waited out began
+        self._outage_told = False
+        self._recovered_at: float | None = None  # when the last outage ended
+        self._cancelled = threading.Event()
+        self.reconnects = 0
+        self.waited_s = 0.0
         self._slots = {u: threading.BoundedSemaphore(concurrency) for u in self.urls}
         self._failures_in_a_row: dict[str, int] = defaultdict(int)
         self._last_error: dict[str, VLLMError] = {}
@@ -134,6 +155,8 @@ class VLLMClient:
                     raise ServerUnreachable(f"{url}: connection failed ({type(e).__name__}); is the server up?") from None
             except requests.Timeout:
                 problem = f"no answer within {self.timeout[1]:.0f} s"
+            except requests.RequestException as e:  # e.g. ChunkedEncodingError: the server died mid-answer
+                raise ServerUnreachable(f"{url}: connection broke ({type(e).__name__}); is the server up?") from None
             else:
                 if r.status_code == 200:
                     try:
@@ -156,6 +179,8 @@ class VLLMClient:
         ordered results. `on_result(i, result)` is called as each batch finishes (to persist scores as
         they arrive). A batch whose URL fails goes to another URL (see the module docstring)."""
         results = [None] * len(batches)
+        self._outage_since = self._recovered_at = None  # each call gets the whole reconnect timeout for an outage
+        self._cancelled.clear()
         workers = max(1, self.concurrency * len(self.urls))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(self._run_one, i, fn, b): i for i, b in enumerate(batches)}
@@ -165,7 +190,8 @@ class VLLMClient:
                     results[i] = fut.result()
                     if on_result:
                         on_result(i, results[i])
-            except BaseException:
+            except BaseException:  # one batch failed for good, or Ctrl-C: stop, and stop waiting for servers
+                self._cancelled.set()
                 for f in futures:
                     f.cancel()
                 raise
@@ -181,10 +207,15 @@ class VLLMClient:
 
     def _run_one(self, i: int, fn, batch):
         tried: set[str] = set()
+        failed_at = time.monotonic()  # of this batch's last failure (only read once it has failed)
         while True:
             url = self._pick(i, tried)
             if url is None:
-                raise self._none_left()
+                back = self._await_return(failed_at)
+                if not back:
+                    raise self._none_left()
+                tried -= back
+                continue
             with self._slots[url]:
                 with self._lock:
                     self._in_flight[url] += 1
@@ -193,6 +224,7 @@ class VLLMClient:
                     result = fn(url, batch)
                 except (ServerUnreachable, RetryBudgetExhausted) as e:
                     tried.add(url)
+                    failed_at = time.monotonic()
                     self._failed(url, e, tried)
                     continue
                 finally:
@@ -203,6 +235,63 @@ class VLLMClient:
                 self.url_stats[url]["batches"] += 1
             return result
 
+    def _await_return(self, failed_at: float) -> set[str]:
+        """Called when no URL is left for a batch (its last failure at `failed_at`): poll `/health` of the URLs
+        that went away (connection refused) until one answers or `reconnect_timeout` has passed since the outage
+        began; returns the URLs back in rotation (empty: give up). The deadline is the outage's, not each
+        batch's: batches that queue behind the polling thread do not each wait a full timeout again, and a batch
+        that failed in an outage that is already over finds its server back without counting a second one."""
+        if self.reconnect_timeout <= 0:
+            return set()
+        with self._lock:
+            gone = [u for u in self.urls if isinstance(self._last_error.get(u), ServerUnreachable)]
+        if not gone:
+            return set()
+        with self._reconnect_lock:
+            with self._lock:
+                if self._outage_since is None and (self._recovered_at is None or failed_at > self._recovered_at):
+                    self._outage_since, self._outage_told = failed_at, False
+            while True:
+                back = {u for u in gone if self._answers_health(u)}
+                now = time.monotonic()
+                with self._lock:
+                    if back:
+                        for u in back:
+                            self.dead.discard(u)
+                            self._failures_in_a_row[u] = 0
+                            self.url_stats[u]["in_rotation"] = True
+                        if self._outage_since is not None:  # the batch that sees the outage end says so, once
+                            waited = now - self._outage_since
+                            self._outage_since, self._recovered_at = None, now
+                            self.reconnects += 1
+                            self.waited_s += waited
+                            names = ", ".join(map(redact_url, sorted(back)))
+                            if self._outage_told:
+                                logger.warning("%s answers again after %.0f s; continuing", names, waited)
+                            else:
+                                logger.warning("lost the connection to %s (%s); it answers /health again; "
+                                               "continuing", names, "; ".join(str(self._last_error[u]) for u in back))
+                        return back
+                    if self._outage_since is None:  # down again after a recovery this batch did not see
+                        self._outage_since, self._outage_told = now, False
+                    if not self._outage_told:
+                        self._outage_told = True
+                        errors = "; ".join(str(self._last_error[u]) for u in gone)
+                        logger.warning("lost the vLLM server (%s). Waiting up to %.0f s for it to answer /health "
+                                       "again (--reconnect-timeout; 0 gives up at once). What has arrived is "
+                                       "cached: stopping now and re-running the same command also resumes.",
+                                       errors, self.reconnect_timeout)
+                    if now >= self._outage_since + self.reconnect_timeout:
+                        return set()
+                if self._cancelled.wait(self.reconnect_poll):
+                    return set()
+
+    def _answers_health(self, url: str) -> bool:
+        try:
+            return self._session.get(f"{url}/health", timeout=(self.timeout[0], 10)).status_code == 200
+        except requests.RequestException:
+            return False
+
     def _none_left(self) -> VLLMError:
         """The error when no URL is left for a batch. It may be that this batch tried none of them: with
         several batches in flight, other batches can take every URL out of rotation first. So the message is
@@ -212,8 +301,10 @@ class VLLMClient:
         with self._lock:
             errors = [self._last_error[u] for u in self.urls]
         kind = RetryBudgetExhausted if any(isinstance(e, RetryBudgetExhausted) for e in errors) else ServerUnreachable
-        return kind(f"every vLLM URL failed ({'; '.join(map(str, errors))}). Check that the servers are up "
-                    "(launch/serve_reward.sh prints each URL when ready)")
+        waited = (f", and none answered /health again within {self.reconnect_timeout:.0f} s (--reconnect-timeout)"
+                  if self.reconnect_timeout > 0 and kind is ServerUnreachable else "")
+        return kind(f"every vLLM URL failed ({'; '.join(map(str, errors))}){waited}. Check that the servers are "
+                    "up (launch/serve_reward.sh prints each URL when ready)")
 
     def _failed(self, url: str, error: VLLMError, tried: set[str]) -> None:
         with self._lock:
@@ -229,6 +320,15 @@ class VLLMClient:
                 stats["in_rotation"] = False
                 logger.warning("%s failed %d times in a row (%s); its batches go to the other URLs", redact_url(url),
                                self._failures_in_a_row[url], str(error)[:160])
+
+    def report(self) -> dict:
+        """What the run's report says about the servers (scoring, generation and mining alike)."""
+        return {"requests_sent": self.requests_sent, "retries": self.retries,
+                "per_url": {redact_url(u): v for u, v in self.url_stats.items()},
+                "max_in_flight_per_url": {redact_url(u): v for u, v in self.max_in_flight.items()},
+                "failed_over_batches": sum(s["failed_over"] for s in self.url_stats.values()),
+                "urls_out_of_rotation": sorted(redact_url(u) for u in self.dead),
+                "reconnects": self.reconnects, "waited_for_servers_s": round(self.waited_s, 1)}
 
     def last_token_logprobs(self, url: str, prompts: list[list[int]]) -> list[float]:
         """log P(last token | the tokens before it) for each token-id prompt (echo, no generation)."""
@@ -319,7 +419,7 @@ class VLLMBackend:
     """
 
     def __init__(self, spec, tokenizer, urls: list[str], served_name: str | None, api_key: str | None, *,
-                 read_timeout: float = 120.0, concurrency: int = 4):
+                 read_timeout: float = 120.0, concurrency: int = 4, reconnect_timeout: float = 0.0):
         from stepdpo.reward.scorer import ScoreError, judge_token_ids, prm_token_ids
 
         self.spec = spec
@@ -329,7 +429,7 @@ class VLLMBackend:
         else:
             self.tag_id, self.good_id, self.bad_id = prm_token_ids(tokenizer, spec)
         self.client = VLLMClient(urls, served_name or spec.model, api_key, read_timeout=read_timeout,
-                                 concurrency=concurrency)
+                                 concurrency=concurrency, reconnect_timeout=reconnect_timeout)
         self._no_pooling: set[str] = set()  # servers that answered /pooling with a client error
         self._error = ScoreError
 
@@ -340,12 +440,7 @@ class VLLMBackend:
         self.client.map_batches(batches, self.judge if method == "judge" else self.prm, on_result)
 
     def report(self) -> dict:
-        c = self.client
-        return {"requests_sent": c.requests_sent, "retries": c.retries,
-                "per_url": {redact_url(u): v for u, v in c.url_stats.items()},
-                "max_in_flight_per_url": {redact_url(u): v for u, v in c.max_in_flight.items()},
-                "failed_over_batches": sum(s["failed_over"] for s in c.url_stats.values()),
-                "urls_out_of_rotation": sorted(redact_url(u) for u in c.dead)}
+        return self.client.report()
 
     # judge ---------------------------------------------------------------
     def judge(self, url: str, subs) -> list[float]:

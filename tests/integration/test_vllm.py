@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -203,11 +204,12 @@ def test_samples_of_one_problem_differ_on_vllm(servers, tiny_mistral_v1, tmp_pat
 
 
 def test_score_and_mine_survive_a_server_killed_mid_run(servers, tiny_mistral_v1, tmp_path):
-    """`stepdpo score` and `stepdpo mine` on one vLLM server, killed while both run (one kill and one restart
-    serve both: each start costs about a minute). Each stops with one line naming the server and how to
-    resume. After a restart, the resumed score asks only for what is missing and gives the uninterrupted
-    result; the resumed mine generates only what is missing, and a third run generates nothing and writes the
-    same pairs."""
+    """`stepdpo score` and two `stepdpo mine` runs on one vLLM server, killed while all three run and then
+    restarted (one kill and one restart serve all three: each start costs about a minute).
+    - mine, as shipped, waits for the server and carries on: it ends with the pairs of a run with no kill.
+    - score and mine with `--reconnect-timeout 0` stop with one line naming the server and how to resume. The
+      resumed score asks only for what is missing and gives the uninterrupted rewards. The resumed mine
+      generates only what is missing and writes the waiting run's pairs; a third run generates nothing."""
     from stepdpo.data.prepare import PrepareOptions, prepare
     from stepdpo.data.synthetic import SynthConfig, SynthOptions, synth, write_synthetic
 
@@ -216,54 +218,79 @@ def test_score_and_mine_survive_a_server_killed_mid_run(servers, tiny_mistral_v1
     pairs = tmp_path / "pairs" / "pairs.jsonl"
     synth(SynthOptions(out=str(tmp_path / "problems.jsonl"), kind="problems", problems=40, seed=4, max_value=9))
     server = servers["judge"]
-    scored, mined = tmp_path / "scored", tmp_path / "mined"
+    scored, waited, stopped = tmp_path / "scored", tmp_path / "mine-waits", tmp_path / "mine-stops"
     score_cmd = [sys.executable, "-m", "stepdpo.cli", "score", "--pairs", str(pairs), "--model", str(tiny_mistral_v1),
                  "--backend", "vllm", "--url", server.url, "--out", str(scored), "--batch-size", "4", "--concurrency",
-                 "1", "--no-progress"]
-    mine_cmd = [sys.executable, "-m", "stepdpo.cli", "mine", "--problems", str(tmp_path / "problems.jsonl"), "--model",
-                str(tiny_mistral_v1), "--out", str(mined), "--backend", "vllm", "--url", server.url, "--samples", "4",
+                 "1", "--no-progress", "--reconnect-timeout", "0"]
+
+    def mine_cmd(out, *extra):
+        return [sys.executable, "-m", "stepdpo.cli", "mine", "--problems", str(tmp_path / "problems.jsonl"), "--model",
+                str(tiny_mistral_v1), "--out", str(out), "--backend", "vllm", "--url", server.url, "--samples", "4",
                 "--rollouts", "2", "--max-new-tokens", "24", "--batch-size", "4", "--concurrency", "1",
-                "--no-progress"]
+                "--no-progress", *extra]
 
     def lines(cache):  # JSON Lines end at "\n" only: a sample's text may hold U+2028 and the like
         return cache.read_text(encoding="utf-8").count("\n") if cache.exists() else 0
 
     def start_and_hold(cmd, cache, at_least):
-        """Start a client and freeze it (SIGSTOP) once `at_least` results are cached, so that both are mid-run
+        """Start a client and freeze it (SIGSTOP) once `at_least` results are cached, so that all are mid-run
         when the server dies whatever their relative speed. (Started together and killed once both had 40, score
         once finished all 616 substeps before mine cached 40 on a loaded CI machine, and exited 0.)"""
-        proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
+        err = open(cache.parent.with_suffix(".err"), "w+")
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        procs.append((proc, err))
         deadline = time.monotonic() + 180
         while lines(cache) < at_least and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGSTOP)
         assert proc.poll() is None and lines(cache) >= at_least, (cmd[3], lines(cache), proc.returncode)
 
-    score_cache, mine_cache = scored / "score_cache.jsonl", mined / "mine_cache.jsonl"
-    procs: list[subprocess.Popen] = []
+    def finish(i, timeout):
+        proc, err = procs[i]
+        proc.wait(timeout=timeout)
+        err.seek(0)
+        return proc.returncode, err.read()
+
+    score_cache, wait_cache, stop_cache = (scored / "score_cache.jsonl", waited / "mine_cache.jsonl",
+                                           stopped / "mine_cache.jsonl")
+    procs: list[tuple[subprocess.Popen, object]] = []
+    held = False
     try:
         start_and_hold(score_cmd, score_cache, 40)
-        start_and_hold(mine_cmd, mine_cache, 40)
+        start_and_hold(mine_cmd(waited), wait_cache, 40)
+        start_and_hold(mine_cmd(stopped, "--reconnect-timeout", "0"), stop_cache, 40)
         server.kill()
-        for proc in procs:
+        for proc, _ in procs:
             proc.send_signal(signal.SIGCONT)
-        (_, score_err), (_, mine_err) = (p.communicate(timeout=120) for p in procs)
-        assert [p.returncode for p in procs] == [2, 2], score_err + mine_err
+        (score_rc, score_err), (stop_rc, stop_err) = finish(0, 120), finish(2, 120)
+        assert [score_rc, stop_rc] == [2, 2], score_err + stop_err
         assert server.url in score_err and "re-run to resume" in score_err
-        assert server.url in mine_err and "re-run the same command to resume" in mine_err
-        assert "Traceback" not in mine_err
-        score_cached, mine_cached = lines(score_cache), lines(mine_cache)
-        assert score_cached >= 40 and mine_cached >= 40
+        assert server.url in stop_err and "re-run the same command to resume" in stop_err
+        assert "Traceback" not in stop_err
+        score_cached, stop_cached = lines(score_cache), lines(stop_cache)
+        assert score_cached >= 40 and stop_cached >= 40
+        # The waiting mine outlives the other two, says so, and is still running.
+        err = procs[1][1]
+        deadline = time.monotonic() + 60
+        while "Waiting up to 240 s" not in Path(err.name).read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "Waiting up to 240 s" in Path(err.name).read_text() and procs[1][0].poll() is None
+        held = True
     finally:
         # Restart even if an assertion above failed: the server is the session's shared judge, and a failure here
         # must not fail every later test that uses it.
-        for proc in procs:
-            if proc.poll() is None:  # a client that did not stop must not meet the restarted server
+        for i, (proc, _) in enumerate(procs):
+            if proc.poll() is None and not (i == 1 and held):  # only the waiting mine may meet the restarted server
                 proc.kill()
                 proc.wait(timeout=30)
         server.kill()  # a no-op after the kill above; a server still up (a hold failed) must give its port back
         server.start().wait()  # same port, same URL
+    wait_rc, wait_err = finish(1, 600)
+    assert wait_rc == 0 and "answers again after" in wait_err, wait_err
+    survived = json.loads((waited / "report.json").read_text())
+    assert survived["vllm"]["reconnects"] == 1 and survived["cache_hits"] == 0
+    assert survived["generations"] == lines(wait_cache)  # nothing generated twice
+
     res = score(pairs, tiny_mistral_v1, scored, "vllm", "judge", server.url, extra=["--batch-size", "16"])
     report = json.loads((scored / "score_report.json").read_text())
     assert report["cache_hits"] == score_cached and report["scored"] == report["substeps"] - score_cached
@@ -273,13 +300,14 @@ def test_score_and_mine_survive_a_server_killed_mid_run(servers, tiny_mistral_v1
     for x, y in zip(rewards(scored), rewards(tmp_path / "uninterrupted")):
         assert x == pytest.approx(y, abs=1e-5)
 
-    subprocess.run(mine_cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
-    resumed = json.loads((mined / "report.json").read_text())
-    assert resumed["cache_hits"] >= mine_cached  # nothing that arrived before the kill was asked for again
-    total = lines(mine_cache)
-    assert resumed["generations"] == total - mine_cached and resumed["generations"] > 0
-    first_pairs = (mined / "pairs.jsonl").read_text()
-    subprocess.run(mine_cmd, env=child_env(), capture_output=True, text=True, check=True, timeout=600)
-    again = json.loads((mined / "report.json").read_text())
+    subprocess.run(mine_cmd(stopped), env=child_env(), capture_output=True, text=True, check=True, timeout=600)
+    resumed = json.loads((stopped / "report.json").read_text())
+    assert resumed["cache_hits"] >= stop_cached  # nothing that arrived before the kill was asked for again
+    total = lines(stop_cache)
+    assert resumed["generations"] == total - stop_cached and resumed["generations"] > 0
+    first_pairs = (stopped / "pairs.jsonl").read_text()
+    assert first_pairs == (waited / "pairs.jsonl").read_text()  # stopped and resumed, or waited: the same pairs
+    subprocess.run(mine_cmd(stopped), env=child_env(), capture_output=True, text=True, check=True, timeout=600)
+    again = json.loads((stopped / "report.json").read_text())
     assert again["generations"] == 0 and again["cache_hits"] == total
-    assert (mined / "pairs.jsonl").read_text() == first_pairs
+    assert (stopped / "pairs.jsonl").read_text() == first_pairs

@@ -50,6 +50,14 @@ def test_validation_is_an_options_error_naming_the_flag():
         cli.parse("prepare", ["--input", "x", "--out", "o", "--test-fraction", "1.5"])
 
 
+@pytest.mark.parametrize("stage", ["score", "generate", "mine"])
+def test_a_negative_reconnect_timeout_is_refused_naming_the_flag(stage):
+    args = ["--model", "m", "--out", "o", "--reconnect-timeout", "-1"]
+    args += ["--pairs", "p"] if stage == "score" else ["--problems", "p"]
+    with pytest.raises(OptionsError, match="--reconnect-timeout: must be >= 0 seconds"):
+        cli.parse(stage, args)
+
+
 def test_unknown_yaml_key_is_one_line_exit_2(tmp_path, capsys):
     cfg = tmp_path / "s.yaml"
     cfg.write_text("out: x.jsonl\nproblemz: 3\n")

@@ -121,3 +121,20 @@ def test_a_missing_reward_head_is_an_error_not_a_random_init(tiny_mistral, synth
     """A causal LM directory used as a 2-label classifier PRM: its head would be random."""
     with pytest.raises(ScoreError, match="no weights for the reward head"):
         score(opts(synth_pairs / "test" / "pairs.jsonl", tiny_mistral, tmp_path, method="prm", prm_head="classifier"))
+
+
+@pytest.mark.parametrize("reconnect_timeout", [0, 30])
+def test_a_server_lost_mid_run_is_waited_for_or_named_with_how_to_resume(reconnect_timeout, fake_server, tiny_mistral,
+                                                                          synth_pairs, tmp_path):
+    server = fake_server(-0.7)
+    server.answers = [(200, {}), "drop"]  # /health at start, then the first batch's connection drops
+    pairs = synth_pairs / "test" / "pairs.jsonl"
+    o = opts(pairs, tiny_mistral, tmp_path, backend="vllm", url=[server.url], reconnect_timeout=reconnect_timeout,
+             concurrency=1)
+    if reconnect_timeout == 0:
+        with pytest.raises(ScoreError, match=r"connection failed.*re-run to resume"):
+            score(o)
+        return
+    report = score(o)  # /health answers again at once, so the run goes on and scores everything
+    assert report["reconnects"] == 1 and report["scored"] == report["substeps"] > 0
+    assert [s["path"] for s in server.seen[:3]] == ["/health", "/v1/completions", "/health"]

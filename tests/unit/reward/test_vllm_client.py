@@ -18,7 +18,7 @@ class Script:
     """What the fake server answers, request after request."""
 
     def __init__(self):
-        self.answers = []  # list of (status, body) or "hang"
+        self.answers = []  # list of (status, body), "hang", "drop" or "cut"
         self.default = (200, None)
         self.seen = []
         self.lock = threading.Lock()
@@ -36,7 +36,7 @@ def completions_body(payload):
     return {"choices": list(reversed(choices))}  # out of order on purpose: the client must reassemble
 
 
-def _serve(script: Script):
+def _serve(script: Script, port: int = 0):
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -47,6 +47,16 @@ def _serve(script: Script):
             answer = script.next()
             if answer == "hang":
                 time.sleep(3)
+                return
+            if answer == "drop":  # the connection closes with no answer, as when a server is killed mid-request
+                self.close_connection = True
+                return
+            if answer == "cut":  # the server dies halfway through its answer
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"choices": [')
+                self.close_connection = True
                 return
             status, body = answer
             if body is None and payload is not None:
@@ -64,7 +74,7 @@ def _serve(script: Script):
             n = int(self.headers.get("Content-Length", 0))
             self._answer(json.loads(self.rfile.read(n)))
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     script.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -75,9 +85,9 @@ def _serve(script: Script):
 def make_server():
     started = []
 
-    def make() -> Script:
+    def make(port: int = 0) -> Script:
         script = Script()
-        started.append(_serve(script))
+        started.append(_serve(script, port))
         return script
 
     yield make
@@ -110,6 +120,12 @@ def test_hanging_route_times_out_and_spends_the_budget(server):
     with pytest.raises(RetryBudgetExhausted, match=server.url.replace(".", r"\.")):
         c.last_token_logprobs(server.url, [[1, 2]])
     assert time.monotonic() - start < 2.5
+
+
+def test_an_answer_cut_short_is_a_lost_server_not_a_traceback(server):
+    server.answers = ["cut"]  # requests raises ChunkedEncodingError, which is no ConnectionError
+    with pytest.raises(ServerUnreachable, match="connection broke \\(ChunkedEncodingError\\)"):
+        client(server.url).last_token_logprobs(server.url, [[1, 2]])
 
 
 def test_garbage_json_is_a_typed_error(server):
@@ -241,3 +257,57 @@ def test_non_finite_or_impossible_logprobs_are_refused(server, bad):
     server.answers = [(200, body)]  # json.dumps writes NaN/Infinity literals, as a broken server would
     with pytest.raises(MalformedResponse, match=server.url.replace(".", r"\.")):
         client(server.url).last_token_logprobs(server.url, [[1, 2]])
+
+
+def test_a_server_that_comes_back_is_waited_for_and_the_run_continues(make_server, caplog):
+    # A killed server restarted on its port: connection refused, then a server again. Every batch arrives.
+    url = _dead_url()
+    port = int(url.rsplit(":", 1)[1])
+    threading.Timer(0.5, make_server, args=(port,)).start()
+    c = client(url, concurrency=2, reconnect_timeout=30, reconnect_poll=0.05)
+    with caplog.at_level("WARNING", logger="stepdpo.vllm"):
+        out = c.map_batches([[[1, 10 + i, 20 + i]] for i in range(4)], c.last_token_logprobs)
+    assert out == [[pytest.approx(-0.5 - 0.01 * (20 + i))] for i in range(4)]
+    assert c.reconnects == 1 and 0.3 < c.waited_s < 10  # one outage, told once, however many batches waited
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert f"lost the vLLM server ({url}: connection failed" in warnings[0] and "up to 30 s" in warnings[0]
+    assert warnings[1].startswith(f"{url} answers again after")
+    assert c.report()["reconnects"] == 1 and c.report()["per_url"][url]["batches"] == 4
+
+
+def test_a_server_that_stays_away_fails_once_the_outage_outlasts_the_timeout():
+    url = _dead_url()
+    c = client(url, concurrency=3, reconnect_timeout=1, reconnect_poll=0.05)
+    start = time.monotonic()
+    with pytest.raises(ServerUnreachable, match=r"none answered /health again within 1 s \(--reconnect-timeout\)"):
+        c.map_batches([[[1, 2]]] * 6, c.last_token_logprobs)
+    # The deadline is the outage's: the six batches do not each wait a second in turn.
+    assert 1 <= time.monotonic() - start < 3 and c.reconnects == 0
+
+
+def test_a_server_that_answers_5xx_is_not_waited_for(server):
+    server.default = (503, {"error": "overloaded"})  # up and answering /health with 503 too: waiting cannot help
+    c = client(server.url, max_retries=1, reconnect_timeout=30, reconnect_poll=0.05)
+    start = time.monotonic()
+    with pytest.raises(RetryBudgetExhausted, match="gave up after 2 attempts"):
+        c.map_batches([[[1, 2]]], c.last_token_logprobs)
+    assert time.monotonic() - start < 5
+
+
+def test_a_batch_that_fails_for_good_stops_the_others_waiting():
+    # Another batch's error (or Ctrl-C) ends the run: a batch polling for a lost server must not hold the
+    # exit for the whole reconnect timeout.
+    url = _dead_url()
+
+    def call(u, batch):
+        if batch == "bad":
+            time.sleep(0.3)
+            raise BadRequest(f"{u}/v1/completions: HTTP 400: bad")
+        raise ServerUnreachable(f"{u}: connection failed (ConnectionError); is the server up?")
+
+    c = client(url, concurrency=2, reconnect_timeout=30, reconnect_poll=0.05)
+    start = time.monotonic()
+    with pytest.raises(BadRequest):
+        c.map_batches(["gone", "bad"], call)
+    assert time.monotonic() - start < 5
