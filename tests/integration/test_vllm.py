@@ -248,8 +248,9 @@ def test_score_and_mine_survive_a_server_killed_mid_run(servers, tiny_mistral_v1
     def finish(i, timeout):
         proc, err = procs[i]
         proc.wait(timeout=timeout)
-        err.seek(0)
-        return proc.returncode, err.read()
+        with err:
+            err.seek(0)
+            return proc.returncode, err.read()
 
     score_cache, wait_cache, stop_cache = (scored / "score_cache.jsonl", waited / "mine_cache.jsonl",
                                            stopped / "mine_cache.jsonl")
