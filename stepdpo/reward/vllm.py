@@ -124,15 +124,10 @@ class VLLMClient:
     def wait_healthy(self, deadline_s: float = 300.0, poll_s: float = 1.0) -> None:
         for url in self.urls:
             end = time.monotonic() + deadline_s
-            last = "no answer"
             while True:
-                try:
-                    r = self._session.get(f"{url}/health", timeout=(self.timeout[0], 10))
-                    if r.status_code == 200:
-                        break
-                    last = f"HTTP {r.status_code}"
-                except requests.RequestException as e:
-                    last = type(e).__name__
+                last = self._health_problem(url)
+                if last is None:
+                    break
                 if time.monotonic() >= end:
                     raise ServerUnreachable(
                         f"{url}: not healthy after {deadline_s:.0f} s (last: {last}); is the vLLM server running "
@@ -140,6 +135,14 @@ class VLLMClient:
                         "for a server still loading its model)"
                     )
                 time.sleep(poll_s)
+
+    def _health_problem(self, url: str) -> str | None:
+        """One `/health` probe: None when the server answers 200, else what went wrong (for messages)."""
+        try:
+            r = self._session.get(f"{url}/health", timeout=(self.timeout[0], 10))
+        except requests.RequestException as e:
+            return type(e).__name__
+        return None if r.status_code == 200 else f"HTTP {r.status_code}"
 
     # ------------------------------------------------------------------ one request, with retries
     def post(self, url: str, path: str, payload: dict) -> dict:
@@ -252,7 +255,7 @@ class VLLMClient:
                 if self._outage_since is None and (self._recovered_at is None or failed_at > self._recovered_at):
                     self._outage_since, self._outage_told = failed_at, False
             while True:
-                back = {u for u in gone if self._answers_health(u)}
+                back = {u for u in gone if self._health_problem(u) is None}
                 now = time.monotonic()
                 with self._lock:
                     if back:
@@ -286,11 +289,6 @@ class VLLMClient:
                 if self._cancelled.wait(self.reconnect_poll):
                     return set()
 
-    def _answers_health(self, url: str) -> bool:
-        try:
-            return self._session.get(f"{url}/health", timeout=(self.timeout[0], 10)).status_code == 200
-        except requests.RequestException:
-            return False
 
     def _none_left(self) -> VLLMError:
         """The error when no URL is left for a batch. It may be that this batch tried none of them: with
