@@ -12,6 +12,10 @@ Knobs, and why each exists:
 * Several URLs: batches are sharded round-robin across replicas; results are reassembled in order.
   A batch whose URL fails (unreachable, or its retry budget spent) is sent to another URL; a URL that
   fails `fail_after` times in a row is taken out of rotation, and `url_stats` says so for the report.
+* readmit_poll (10 s): a URL out of rotation because its server went away (connection refused) is probed on
+  `/health` that often while the other URLs carry the run, and takes batches again once it answers: a
+  replica restarted under a long `mine` is back in use within seconds, not only in the next run. A URL
+  out for failing answers (5xx past the retry budget) stays out, as it is not waited for either.
 * health wait: `/health` is polled until 200 or a deadline at start, so a starting server is waited
   for and a dead one is reported by URL.
 * reconnect_timeout: when every URL has gone away mid-run (connection refused: a server killed, crashed or
@@ -82,7 +86,7 @@ class VLLMClient:
     def __init__(self, urls: list[str], model: str, api_key: str | None = None, *, connect_timeout: float = 5.0,
                  read_timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5, max_backoff: float = 8.0,
                  concurrency: int = 4, fail_after: int = 2, reconnect_timeout: float = 0.0,
-                 reconnect_poll: float = 2.0):
+                 reconnect_poll: float = 2.0, readmit_poll: float = 10.0):
         if not urls:
             raise ValueError("at least one --url is needed for --backend vllm")
         self.urls = [u.rstrip("/") for u in urls]
@@ -95,6 +99,8 @@ class VLLMClient:
         self.fail_after = fail_after
         self.reconnect_timeout = reconnect_timeout
         self.reconnect_poll = reconnect_poll
+        self.readmit_poll = readmit_poll
+        self._next_probe: dict[str, float] = {}  # when a URL out of rotation is next probed for readmission
         self._lock = threading.Lock()
         self._reconnect_lock = threading.Lock()  # one thread polls /health in an outage; the others queue on it
         self._outage_since: float | None = None  # when the outage being waited out began
@@ -107,7 +113,8 @@ class VLLMClient:
         self._failures_in_a_row: dict[str, int] = defaultdict(int)
         self._last_error: dict[str, VLLMError] = {}
         self.dead: set[str] = set()
-        self.url_stats = {u: {"batches": 0, "failures": 0, "failed_over": 0, "in_rotation": True} for u in self.urls}
+        self.url_stats = {u: {"batches": 0, "failures": 0, "failed_over": 0, "in_rotation": True, "readmitted": 0}
+                          for u in self.urls}
         self.max_in_flight = {u: 0 for u in self.urls}
         self._in_flight = {u: 0 for u in self.urls}
         self._headers = {"Content-Type": "application/json"}
@@ -212,6 +219,7 @@ class VLLMClient:
         tried: set[str] = set()
         failed_at = time.monotonic()  # of this batch's last failure (only read once it has failed)
         while True:
+            self._readmit_returned()
             url = self._pick(i, tried)
             if url is None:
                 back = self._await_return(failed_at)
@@ -237,6 +245,26 @@ class VLLMClient:
                 self._failures_in_a_row[url] = 0
                 self.url_stats[url]["batches"] += 1
             return result
+
+    def _readmit_returned(self) -> None:
+        """Put back in rotation the URLs that went away (connection refused) and answer `/health` again; each is
+        probed at most once per `readmit_poll` seconds, by whichever batch comes first, outside the lock."""
+        now = time.monotonic()
+        with self._lock:
+            due = [u for u in self.urls if u in self.dead and isinstance(self._last_error.get(u), ServerUnreachable)
+                   and self._next_probe.get(u, 0.0) <= now]
+            for u in due:
+                self._next_probe[u] = now + self.readmit_poll
+        for u in due:
+            if self._health_problem(u) is not None:
+                continue
+            with self._lock:
+                if u in self.dead:
+                    self.dead.discard(u)
+                    self._failures_in_a_row[u] = 0
+                    self.url_stats[u]["in_rotation"] = True
+                    self.url_stats[u]["readmitted"] += 1
+                    logger.warning("%s answers /health again; back in rotation", redact_url(u))
 
     def _await_return(self, failed_at: float) -> set[str]:
         """Called when no URL is left for a batch (its last failure at `failed_at`): poll `/health` of the URLs
@@ -315,6 +343,7 @@ class VLLMClient:
                 stats["failed_over"] += 1
             if self._failures_in_a_row[url] >= self.fail_after and url not in self.dead and len(self.urls) > 1:
                 self.dead.add(url)
+                self._next_probe[url] = time.monotonic() + self.readmit_poll
                 stats["in_rotation"] = False
                 logger.warning("%s failed %d times in a row (%s); its batches go to the other URLs", redact_url(url),
                                self._failures_in_a_row[url], str(error)[:160])

@@ -231,6 +231,31 @@ def test_a_failing_url_hands_its_batches_to_the_others(make_server):
     assert stats[good.url]["batches"] == 10 and c.dead == {dead}
 
 
+def test_a_replica_that_comes_back_is_put_back_in_rotation(make_server, caplog):
+    # One of two replicas is killed and restarted under a long run: once it answers /health again it takes
+    # batches again, instead of leaving the other replica to carry the rest of the run alone.
+    good, gone = make_server(), _dead_url()
+    port = int(gone.rsplit(":", 1)[1])
+    revived = []
+    c = client([gone, good.url], concurrency=1, readmit_poll=0.05)
+
+    def call(url, batch):
+        time.sleep(0.01)
+        if not revived and gone in c.dead:  # restarted only once it is out of rotation
+            revived.append(make_server(port))
+        return c.last_token_logprobs(url, batch)
+
+    batches = [[[1, 10 + i, 20 + i]] for i in range(60)]
+    with caplog.at_level("WARNING", logger="stepdpo.vllm"):
+        out = c.map_batches(batches, call)
+    assert out == [[pytest.approx(-0.5 - 0.01 * (20 + i))] for i in range(60)]
+    stats = c.report()["per_url"]
+    assert stats[gone]["readmitted"] == 1 and stats[gone]["in_rotation"] is True and c.dead == set()
+    assert stats[gone]["batches"] == len(revived[0].seen) - 1 > 10  # its share again (one probe is a GET)
+    assert stats[gone]["batches"] + stats[good.url]["batches"] == 60
+    assert f"{gone} answers /health again; back in rotation" in [r.getMessage() for r in caplog.records]
+
+
 def test_when_every_url_fails_the_error_names_a_url():
     c = client([_dead_url(), _dead_url()])
     with pytest.raises(ServerUnreachable, match="127.0.0.1"):
