@@ -47,6 +47,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $METHOD == judge || $METHOD == prm ]] || { echo "serve_reward.sh: --method must be judge or prm" >&2; exit 2; }
+# A local path (absolute, ./, ../ or ~) that is not a directory would otherwise reach vLLM as a hub id and fail
+# after its 10-80 s start-up with a traceback about repo ids; a hub id (org/name) is passed on as it is.
+if [[ $MODEL == /* || $MODEL == ./* || $MODEL == ../* || $MODEL == "~"* ]] && [[ ! -d $MODEL ]]; then
+  echo "serve_reward.sh: model directory $MODEL does not exist; give a saved model directory or a hub id (org/name)" >&2
+  exit 2
+fi
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${VLLM_PYTHON:-}

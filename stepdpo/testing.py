@@ -37,6 +37,7 @@ class VLLMServer:
         env = dict(os.environ, VLLM_PYTHON=str(VLLM_PYTHON), HEALTH_TIMEOUT="300")
         env.pop("HF_HUB_OFFLINE", None)  # vLLM checks the hub for local dirs too; it is offline anyway
         env["HF_HUB_OFFLINE"] = "1"
+        self._close()
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             ["bash", str(REPO / "launch" / "serve_reward.sh"), str(self.model), "--cpu", "--method", self.method,
@@ -60,6 +61,14 @@ class VLLMServer:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        self._close()
+
+    def _close(self) -> None:
+        # The URL pipe and the log file of this start: a server killed and started again opens new ones.
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+        if getattr(self, "_log", None):
+            self._log.close()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -69,6 +78,7 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
+        self._close()
         _wait_port_free(self.port)
 
 

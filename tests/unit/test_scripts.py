@@ -29,3 +29,14 @@ def test_help_is_the_whole_header_and_nothing_else(script):
     assert res.returncode == 0, res.stderr
     assert res.stdout == header(REPO / script)
     assert "set -euo" not in res.stdout and len(res.stdout.splitlines()) > 3
+
+
+def test_serve_reward_names_a_missing_model_directory_at_once(tmp_path):
+    # Before, a missing local directory reached vLLM as a hub id and failed after its start-up, with a traceback
+    # about repo ids; a hub id (org/name) still goes through as it is.
+    missing = tmp_path / "no-such-model"
+    res = subprocess.run(["bash", str(REPO / "launch/serve_reward.sh"), str(missing), "--cpu"], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2
+    assert res.stderr == (f"serve_reward.sh: model directory {missing} does not exist; give a saved model directory "
+                          "or a hub id (org/name)\n")
