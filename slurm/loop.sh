@@ -16,6 +16,10 @@
 #           --recipe YAML (configs/recipes/mistral-7b/loop_dpo_qlora_zero3.yaml),
 #           --mine-config YAML (configs/stages/mistral-7b/mine.yaml), --mine-backend vllm|hf (vllm)
 # Overrides (shell-quoted text): --sft-args "...", --train-args "...", --mine-args "..."
+# Control:  --rft-control: every round also fine-tunes the mining policy on its own right samples
+#           (mine/solved.jsonl) with the SFT recipe, as rejection-sampling fine-tuning does, the baseline that uses
+#           what the pairs use and no reference solutions (with --held-out, it gets an answers job too);
+#           --rft-args "..." (overrides for it, e.g. the DPO job's learning rate and --max_steps to match)
 # Resources: --mode zero3|zero2|zero3-offload|ddp|cpu-ddp (zero3), --nodes N (1), --gpus-per-node G (8),
 #           --mine-gpus G (= --gpus-per-node; the policy's vLLM server), --eval-gpus G (1), --hf-token-file F
 # Cluster:  --partition P, --account A, --qos Q, --time-sft, --time-mine, --time-train, --time-eval (HH:MM:SS)
@@ -34,7 +38,7 @@ RUN_DIR=""; MODEL=""; SFT_DATA=""; PROBLEMS=""; HELD_OUT=""; ROUNDS=2; ANSWER_SA
 SFT_RECIPE=$REPO/configs/recipes/mistral-7b/sft_qlora_zero3.yaml
 RECIPE=$REPO/configs/recipes/mistral-7b/loop_dpo_qlora_zero3.yaml
 MINE_CONFIG=$REPO/configs/stages/mistral-7b/mine.yaml; MINE_BACKEND=vllm
-SFT_ARGS=""; TRAIN_ARGS=""; MINE_ARGS=""
+SFT_ARGS=""; TRAIN_ARGS=""; MINE_ARGS=""; RFT=0; RFT_ARGS=""
 MODE=zero3; NODES=1; GPUS=8; MINE_GPUS=""; EVAL_GPUS=1; TOKEN_FILE=""
 PARTITION=""; ACCOUNT=""; QOS=""; T_SFT=24:00:00; T_MINE=12:00:00; T_TRAIN=24:00:00; T_EVAL=04:00:00
 ENV_SPEC=""; VLLM_ENV_SPEC=""; CPU=0; DRY=0
@@ -55,6 +59,8 @@ while [[ $# -gt 0 ]]; do
     --sft-args) SFT_ARGS=$2; shift 2;;
     --train-args) TRAIN_ARGS=$2; shift 2;;
     --mine-args) MINE_ARGS=$2; shift 2;;
+    --rft-control) RFT=1; shift;;
+    --rft-args) RFT_ARGS=$2; shift 2;;
     --mode) MODE=$2; shift 2;;
     --nodes) NODES=$2; shift 2;;
     --gpus-per-node) GPUS=$2; shift 2;;
@@ -85,8 +91,11 @@ done
 if [[ $SKIP_SFT == 0 ]]; then
   [[ -n $SFT_DATA ]] || die "--sft-data (correct step-by-step solutions) is required, or --skip-sft"
   [[ -f $SFT_DATA ]] || die "--sft-data $SFT_DATA: no such file"
+fi
+if [[ $SKIP_SFT == 0 || $RFT == 1 ]]; then
   [[ -f $SFT_RECIPE ]] || die "--sft-recipe $SFT_RECIPE: no such file"
 fi
+[[ -z $RFT_ARGS || $RFT == 1 ]] || die "--rft-args configures the --rft-control job; add --rft-control"
 [[ -z $HELD_OUT || -f $HELD_OUT ]] || die "--held-out $HELD_OUT: no such file"
 [[ -f $RECIPE ]] || die "--recipe $RECIPE: no such file"
 [[ -z $MINE_CONFIG || -f $MINE_CONFIG ]] || die "--mine-config $MINE_CONFIG: no such file"
@@ -101,6 +110,7 @@ MINE_GPUS=${MINE_GPUS:-$GPUS}
 eval "SFT_ARGV=($SFT_ARGS)" 2>/dev/null || die "--sft-args: unbalanced quotes in '$SFT_ARGS'"
 eval "TRAIN_ARGV=($TRAIN_ARGS)" 2>/dev/null || die "--train-args: unbalanced quotes in '$TRAIN_ARGS'"
 eval "MINE_ARGV=($MINE_ARGS)" 2>/dev/null || die "--mine-args: unbalanced quotes in '$MINE_ARGS'"
+eval "RFT_ARGV=($RFT_ARGS)" 2>/dev/null || die "--rft-args: unbalanced quotes in '$RFT_ARGS'"
 
 abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
 [[ $ENV_SPEC != container:* ]] || die "--env container:IMAGE: loop.sh runs no srun; use venv:PATH, conda:NAME or cmd:CODE"
@@ -110,7 +120,7 @@ VLLM_PY=""; [[ $VLLM_ENV_SPEC == venv:* ]] && VLLM_PY="${VLLM_ENV_SPEC#venv:}/bi
 
 mkdir -p "$RUN_DIR/logs"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
-PROBLEMS=$(abspath "$PROBLEMS"); RECIPE=$(abspath "$RECIPE")
+PROBLEMS=$(abspath "$PROBLEMS"); RECIPE=$(abspath "$RECIPE"); SFT_RECIPE=$(abspath "$SFT_RECIPE")
 [[ -n $HELD_OUT ]] && HELD_OUT=$(abspath "$HELD_OUT")
 [[ -n $MINE_CONFIG ]] && MINE_CONFIG=$(abspath "$MINE_CONFIG")
 common_args
@@ -141,7 +151,7 @@ answers_job() {  # answers_job NAME POLICY OUT DEPENDENCY
 
 IDS=(); DEP=""; POLICY=$MODEL
 if [[ $SKIP_SFT == 0 ]]; then
-  DEP=$(train_job sft sft "$(abspath "$SFT_RECIPE")" "$RUN_DIR/sft" "" -- \
+  DEP=$(train_job sft sft "$SFT_RECIPE" "$RUN_DIR/sft" "" -- \
     --model_name_or_path "$MODEL" --train_data "$(abspath "$SFT_DATA")" "${SFT_ARGV[@]}")
   IDS+=("sft=$DEP"); POLICY=$RUN_DIR/sft/final
   A=$(answers_job answers-sft "$POLICY" "$RUN_DIR/sft/answers" "$DEP"); [[ -z $A ]] || IDS+=("answers-sft=$A")
@@ -158,7 +168,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
     --model_name_or_path "$R/mine/policy" --train_pairs "$R/mine/pairs.jsonl" "${TRAIN_ARGV[@]}")
   IDS+=("mine$r=$MINE" "train$r=$TRAIN")
   A=$(answers_job "answers$r" "$R/train/final" "$R/answers" "$TRAIN"); [[ -z $A ]] || IDS+=("answers$r=$A")
+  if [[ $RFT == 1 ]]; then  # a side branch: the next round still mines with the DPO-trained policy
+    C=$(train_job "rft$r" sft "$SFT_RECIPE" "$R/rft" "$MINE" -- \
+      --model_name_or_path "$R/mine/policy" --train_data "$R/mine/solved.jsonl" "${RFT_ARGV[@]}")
+    IDS+=("rft$r=$C")
+    A=$(answers_job "answers-rft$r" "$R/rft/final" "$R/rft/answers" "$C"); [[ -z $A ]] || IDS+=("answers-rft$r=$A")
+  fi
   POLICY=$R/train/final; DEP=$TRAIN
 done
 echo "${IDS[*]}"
-[[ $DRY == 1 ]] || echo "logs: $RUN_DIR/logs; pairs and reports: $RUN_DIR/round*/mine; answer accuracy: $RUN_DIR/*/answers/graded/report.json"
+RFT_NOTE=""; [[ $RFT == 0 ]] || RFT_NOTE=" (the RFT control's: $RUN_DIR/round*/rft/answers/graded/report.json)"
+[[ $DRY == 1 ]] || echo "logs: $RUN_DIR/logs; pairs and reports: $RUN_DIR/round*/mine; answer accuracy:" \
+  "$RUN_DIR/*/answers/graded/report.json$RFT_NOTE"

@@ -248,7 +248,8 @@ def test_pipeline_validates_and_dry_runs(cluster, tiny_mistral, tmp_path):
 def test_loop_runs_sft_then_two_rounds_of_mine_and_train(cluster, tiny_mistral, tmp_path):
     """slurm/loop.sh with the shipped loop recipes, shrunk by overrides (a tiny Mistral on CPU, full-weight SFT
     long enough to solve some problems, two DPO steps per round, mining in-process): sft -> mine1 -> train1 ->
-    mine2 -> train2, chained by afterok, all COMPLETED; round 2 mines with round 1's adapter merged into its base."""
+    mine2 -> train2, chained by afterok, all COMPLETED; round 2 mines with round 1's adapter merged into its base.
+    With --rft-control, each round's RFT control trains on that round's right samples, beside the DPO job."""
     from stepdpo.data.synthetic import SynthOptions, synth
 
     synth(SynthOptions(out=str(tmp_path / "train.jsonl"), kind="problems", problems=300, seed=1, max_value=9))
@@ -258,18 +259,23 @@ def test_loop_runs_sft_then_two_rounds_of_mine_and_train(cluster, tiny_mistral, 
     train_args = ("--use_cpu true --max_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
                   "--bnb_4bit_compute_dtype float32 --dtype float32 --bf16 false --gradient_checkpointing false")
     mine_args = "--samples 4 --rollouts 4 --max-new-tokens 64 --limit 40 --temperature 1.0 --batch-size 32"
+    rft_args = sft_args.replace("--max_steps 500", "--max_steps 2").replace("3e-3", "5e-5")
     res = subprocess.run(["bash", str(REPO / "slurm" / "loop.sh"), "--run-dir", str(tmp_path / "run"), "--model",
                           str(tiny_mistral), "--sft-data", str(tmp_path / "train.jsonl"), "--problems",
                           str(tmp_path / "train.jsonl"), "--rounds", "2", "--cpu", "--mine-backend", "hf",
-                          "--sft-args", sft_args, "--train-args", train_args, "--mine-args", mine_args],
+                          "--sft-args", sft_args, "--train-args", train_args, "--mine-args", mine_args,
+                          "--rft-control", "--rft-args", rft_args],
                          env=cluster, capture_output=True, text=True, check=True)
     ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
-    assert list(ids) == ["sft", "mine1", "train1", "mine2", "train2"]
-    for later, earlier in (("mine1", "sft"), ("train1", "mine1"), ("mine2", "train1"), ("train2", "mine2")):
+    assert list(ids) == ["sft", "mine1", "train1", "rft1", "mine2", "train2", "rft2"]
+    for later, earlier in (("mine1", "sft"), ("train1", "mine1"), ("rft1", "mine1"), ("mine2", "train1"),
+                           ("train2", "mine2"), ("rft2", "mine2")):
         assert ids[earlier] in job_field(cluster, ids[later], "Dependency")
+    assert "the RFT control's: " in res.stdout
     logs = tmp_path / "run" / "logs"
-    state = wait_state(cluster, ids["train2"], timeout=900)
-    assert state == "COMPLETED", "\n".join(p.read_text()[-2500:] for p in sorted(logs.glob("*.out")))
+    for last in ("train2", "rft2"):
+        state = wait_state(cluster, ids[last], timeout=900)
+        assert state == "COMPLETED", "\n".join(p.read_text()[-2500:] for p in sorted(logs.glob("*.out")))
     run = tmp_path / "run"
     for r in (1, 2):
         report = json.loads((run / f"round{r}" / "mine" / "report.json").read_text())
@@ -279,6 +285,11 @@ def test_loop_runs_sft_then_two_rounds_of_mine_and_train(cluster, tiny_mistral, 
     assert (run / "round2" / "mine" / "policy").resolve() == (run / "round2" / "mine" / "merged").resolve()
     saved = json.loads((run / "round2" / "train" / "final" / "stepdpo_config.json").read_text())
     assert saved["loss_type"] == ["sigmoid", "sft"] and saved["model_name_or_path"] == str(run / "round2" / "mine" / "policy")
+    for r in (1, 2):  # the control: the SFT recipe on the round's own right samples, from the policy that mined them
+        rft = json.loads((run / f"round{r}" / "rft" / "final" / "stepdpo_config.json").read_text())
+        assert rft["train_data"] == str(run / f"round{r}" / "mine" / "solved.jsonl")
+        assert rft["model_name_or_path"] == str(run / f"round{r}" / "mine" / "policy")
+        assert rft["max_steps"] == 2 and rft["learning_rate"] == 5e-5
 
 
 def test_loop_validates_and_dry_runs_with_answer_jobs(cluster, tiny_mistral, tmp_path):
@@ -289,9 +300,15 @@ def test_loop_validates_and_dry_runs_with_answer_jobs(cluster, tiny_mistral, tmp
     assert bad.returncode == 2 and "--sft-data" in bad.stderr and "no such file" in bad.stderr
     res = subprocess.run(["bash", str(REPO / "slurm" / "loop.sh"), "--run-dir", str(tmp_path / "run"), "--model", "m",
                           "--problems", str(tmp_path / "p.jsonl"), "--held-out", str(tmp_path / "p.jsonl"),
-                          "--skip-sft", "--rounds", "2", "--dry-run", "--nodes", "2"],
+                          "--skip-sft", "--rounds", "2", "--dry-run", "--nodes", "2", "--rft-control"],
                          env=cluster, capture_output=True, text=True, check=True)
-    assert res.stdout.split("\n")[0].split() == ["mine1=<mine1>", "train1=<train1>", "answers1=<answers1>",
-                                                 "mine2=<mine2>", "train2=<train2>", "answers2=<answers2>"]
-    assert res.stderr.count("slurm/mine.sbatch") == 2 and res.stderr.count("slurm/answers.sbatch") == 2
+    assert res.stdout.split("\n")[0].split() == [
+        "mine1=<mine1>", "train1=<train1>", "answers1=<answers1>", "rft1=<rft1>", "answers-rft1=<answers-rft1>",
+        "mine2=<mine2>", "train2=<train2>", "answers2=<answers2>", "rft2=<rft2>", "answers-rft2=<answers-rft2>"]
+    assert res.stderr.count("slurm/mine.sbatch") == 2 and res.stderr.count("slurm/answers.sbatch") == 4
+    assert "--dependency afterok:\\<rft2\\>" in res.stderr and "sft_qlora_zero3.yaml" in res.stderr
+    lonely = subprocess.run(["bash", str(REPO / "slurm" / "loop.sh"), "--run-dir", str(tmp_path / "run"), "--model",
+                             "m", "--problems", str(tmp_path / "p.jsonl"), "--skip-sft", "--rft-args", "--max_steps 9"],
+                            env=cluster, capture_output=True, text=True)
+    assert lonely.returncode == 2 and "--rft-args configures the --rft-control job; add --rft-control" in lonely.stderr
     assert "--gpus-per-node 8" in res.stderr and "--dependency afterok:\\<train1\\>" in res.stderr
