@@ -101,6 +101,7 @@ class VLLMClient:
         self.reconnect_poll = reconnect_poll
         self.readmit_poll = readmit_poll
         self._next_probe: dict[str, float] = {}  # when a URL out of rotation is next probed for readmission
+        self._back_at: dict[str, float] = {}  # when a URL last came back into rotation
         self._lock = threading.Lock()
         self._reconnect_lock = threading.Lock()  # one thread polls /health in an outage; the others queue on it
         self._outage_since: float | None = None  # when the outage being waited out began
@@ -207,16 +208,20 @@ class VLLMClient:
                 raise
         return results
 
-    def _pick(self, i: int, tried: set[str]) -> str | None:
+    def _untried(self, u: str, tried: dict[str, float]) -> bool:
+        # A URL this batch failed on counts as untried again once it came back into rotation after that failure.
+        return u not in tried or self._back_at.get(u, -math.inf) > tried[u]
+
+    def _pick(self, i: int, tried: dict[str, float]) -> str | None:
         with self._lock:
-            live = [u for u in self.urls if u not in self.dead and u not in tried]
+            live = [u for u in self.urls if u not in self.dead and self._untried(u, tried)]
             if not live:
                 return None
             preferred = self.urls[i % len(self.urls)]
             return preferred if preferred in live else min(live, key=lambda u: self._in_flight[u])
 
     def _run_one(self, i: int, fn, batch):
-        tried: set[str] = set()
+        tried: dict[str, float] = {}  # URL -> when this batch failed on it
         failed_at = time.monotonic()  # of this batch's last failure (only read once it has failed)
         while True:
             self._readmit_returned()
@@ -225,7 +230,8 @@ class VLLMClient:
                 back = self._await_return(failed_at)
                 if not back:
                     raise self._none_left()
-                tried -= back
+                for u in back:
+                    tried.pop(u, None)
                 continue
             with self._slots[url]:
                 with self._lock:
@@ -234,8 +240,7 @@ class VLLMClient:
                 try:
                     result = fn(url, batch)
                 except (ServerUnreachable, RetryBudgetExhausted) as e:
-                    tried.add(url)
-                    failed_at = time.monotonic()
+                    failed_at = tried[url] = time.monotonic()
                     self._failed(url, e, tried)
                     continue
                 finally:
@@ -264,6 +269,7 @@ class VLLMClient:
                     self._failures_in_a_row[u] = 0
                     self.url_stats[u]["in_rotation"] = True
                     self.url_stats[u]["readmitted"] += 1
+                    self._back_at[u] = time.monotonic()
                     logger.warning("%s answers /health again; back in rotation", redact_url(u))
 
     def _await_return(self, failed_at: float) -> set[str]:
@@ -288,6 +294,7 @@ class VLLMClient:
                 with self._lock:
                     if back:
                         for u in back:
+                            self._back_at[u] = now
                             self.dead.discard(u)
                             self._failures_in_a_row[u] = 0
                             self.url_stats[u]["in_rotation"] = True
@@ -332,10 +339,10 @@ class VLLMClient:
         return kind(f"every vLLM URL failed ({'; '.join(map(str, errors))}){waited}. Check that the servers are "
                     "up (launch/serve_reward.sh prints each URL when ready)")
 
-    def _failed(self, url: str, error: VLLMError, tried: set[str]) -> None:
+    def _failed(self, url: str, error: VLLMError, tried: dict[str, float]) -> None:
         with self._lock:
             self._last_error[url] = error
-            others = any(u not in tried and u not in self.dead for u in self.urls)
+            others = any(self._untried(u, tried) and u not in self.dead for u in self.urls)
             stats = self.url_stats[url]
             stats["failures"] += 1
             self._failures_in_a_row[url] += 1

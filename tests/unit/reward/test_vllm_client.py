@@ -256,6 +256,25 @@ def test_a_replica_that_comes_back_is_put_back_in_rotation(make_server, caplog):
     assert f"{gone} answers /health again; back in rotation" in [r.getMessage() for r in caplog.records]
 
 
+def test_a_batch_may_go_back_to_a_replica_it_failed_on_once_that_replica_is_back(make_server):
+    # The batch fails on A (down), then on B (which goes down while A comes back): A is in rotation again, so the
+    # batch goes there instead of giving up (with --reconnect-timeout 0 there is no outage wait to rescue it).
+    other, a = make_server(), _dead_url()
+    port = int(a.rsplit(":", 1)[1])
+    revived = []
+    c = client([a, other.url], fail_after=1, readmit_poll=0.05)
+
+    def call(url, batch):
+        if url == other.url:
+            revived.append(make_server(port))
+            time.sleep(0.1)  # A's readmission probe is due by the time this batch looks for a URL again
+            raise ServerUnreachable(f"{url}: connection failed (ConnectionError); is the server up?")
+        return c.last_token_logprobs(url, batch)
+
+    assert c.map_batches([[[1, 2, 3]]], call) == [[pytest.approx(-0.53)]]
+    assert c.url_stats[a]["batches"] == 1 and c.url_stats[a]["readmitted"] == 1
+
+
 def test_when_every_url_fails_the_error_names_a_url():
     c = client([_dead_url(), _dead_url()])
     with pytest.raises(ServerUnreachable, match="127.0.0.1"):
