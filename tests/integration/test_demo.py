@@ -1,4 +1,4 @@
-"""`stepdpo demo`, the README's main command, end to end on CPU."""
+"""`stepdpo demo`: the pair pipeline, and `--loop` (the README's main command, `launch/demo.sh`), end to end on CPU."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import child_env
+from tests.conftest import REPO, child_env
 
 pytestmark = pytest.mark.integration
 
@@ -25,17 +25,20 @@ def test_demo_learns_on_held_out_problems(tmp_path):
     assert "held-out pair accuracy" in res.stdout
 
 
-def test_the_loop_writes_its_summary(tmp_path):
-    """`stepdpo demo --loop`, shrunk: every stage runs, held-out problems are unseen, and summary.json has
-    answer accuracy before, after and for the control, the pairs mined and the time per stage."""
-    from stepdpo.demo import run_loop
-
-    s = run_loop(tmp_path, train_problems=150, test_problems=40, sft_steps=150, mine_problems=40, dpo_steps=10)
-    saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved == json.loads(json.dumps(s))
+def test_the_main_command_runs_the_loop_and_writes_its_summary(tmp_path):
+    """`bash launch/demo.sh`, the README's main command, as shipped (set-up, then `stepdpo demo --loop`): every
+    stage runs, held-out problems are unseen, and summary.json has answer accuracy before, after and for the
+    control, the pairs mined and the time per stage."""
+    res = subprocess.run(["bash", str(REPO / "launch" / "demo.sh"), "--out", str(tmp_path), "--no-progress"],
+                         env=child_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
     assert set(s["answer_accuracy"]) == {"before", "after", "control"}
-    assert all(0 <= v <= 1 for v in s["answer_accuracy"].values())
-    assert s["mined_pairs"] == s["mine"]["pairs"] and 0 < s["held_out_problems"] <= 40
+    a = s["answer_accuracy"]
+    assert 0.2 <= a["before"] <= 0.8 and a["after"] > a["before"] and 0 <= a["control"] <= 1  # room, and a rise
+    assert f"{'A0: after sft':34s} {a['before']:10.3f}" in res.stdout
+    assert f"{'A1: + mine + stepwise DPO':34s} {a['after']:10.3f}" in res.stdout
+    assert s["mined_pairs"] == s["mine"]["pairs"] > 0 and s["held_out_problems"] == 177
     assert {"sft", "answers_before", "mine", "train", "answers_after", "control_sft", "answers_control"} <= set(s["stages"])
     # the control is trained like the DPO stage (steps, learning rate, schedule, batch); the one at the SFT stage's
     # learning rate is reported beside it
@@ -58,7 +61,7 @@ def test_the_loop_writes_its_summary(tmp_path):
 
 
 def test_the_demo_runs_again_in_the_same_directory(tmp_path):
-    """`bash launch/demo.sh` twice: the second run replaces the first one's data instead of refusing."""
+    """`stepdpo demo` twice: the second run replaces the first one's data instead of refusing."""
     from stepdpo.demo import run_demo
 
     first = run_demo(tmp_path, arch="mistral", problems=60, steps=2)
