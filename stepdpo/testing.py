@@ -32,6 +32,7 @@ class VLLMServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self._log = None  # this start's log file
 
     def start(self) -> "VLLMServer":
         env = dict(os.environ, VLLM_PYTHON=str(VLLM_PYTHON), HEALTH_TIMEOUT="300")
@@ -67,7 +68,7 @@ class VLLMServer:
         # The URL pipe and the log file of this start: a server killed and started again opens new ones.
         if self.proc and self.proc.stdout:
             self.proc.stdout.close()
-        if getattr(self, "_log", None):
+        if self._log:
             self._log.close()
 
     def stop(self) -> None:

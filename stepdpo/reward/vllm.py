@@ -227,11 +227,8 @@ class VLLMClient:
             self._readmit_returned()
             url = self._pick(i, tried)
             if url is None:
-                back = self._await_return(failed_at)
-                if not back:
+                if not self._await_return(failed_at):  # what came back counts as untried (`_back_at`)
                     raise self._none_left()
-                for u in back:
-                    tried.pop(u, None)
                 continue
             with self._slots[url]:
                 with self._lock:
@@ -265,12 +262,16 @@ class VLLMClient:
                 continue
             with self._lock:
                 if u in self.dead:
-                    self.dead.discard(u)
-                    self._failures_in_a_row[u] = 0
-                    self.url_stats[u]["in_rotation"] = True
+                    self._back_in_rotation(u, time.monotonic())
                     self.url_stats[u]["readmitted"] += 1
-                    self._back_at[u] = time.monotonic()
                     logger.warning("%s answers /health again; back in rotation", redact_url(u))
+
+    def _back_in_rotation(self, u: str, now: float) -> None:
+        """(Under the lock.) `u` answers again: it takes batches, also from batches that failed on it before."""
+        self._back_at[u] = now
+        self.dead.discard(u)
+        self._failures_in_a_row[u] = 0
+        self.url_stats[u]["in_rotation"] = True
 
     def _await_return(self, failed_at: float) -> set[str]:
         """Called when no URL is left for a batch (its last failure at `failed_at`): poll `/health` of the URLs
@@ -294,10 +295,7 @@ class VLLMClient:
                 with self._lock:
                     if back:
                         for u in back:
-                            self._back_at[u] = now
-                            self.dead.discard(u)
-                            self._failures_in_a_row[u] = 0
-                            self.url_stats[u]["in_rotation"] = True
+                            self._back_in_rotation(u, now)
                         if self._outage_since is not None:  # the batch that sees the outage end says so, once
                             waited = now - self._outage_since
                             self._outage_since, self._recovered_at = None, now
@@ -323,7 +321,6 @@ class VLLMClient:
                         return set()
                 if self._cancelled.wait(self.reconnect_poll):
                     return set()
-
 
     def _none_left(self) -> VLLMError:
         """The error when no URL is left for a batch. It may be that this batch tried none of them: with
