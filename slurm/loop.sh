@@ -120,7 +120,9 @@ VLLM_PY=""; [[ $VLLM_ENV_SPEC == venv:* ]] && VLLM_PY="${VLLM_ENV_SPEC#venv:}/bi
 
 mkdir -p "$RUN_DIR/logs"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
-PROBLEMS=$(abspath "$PROBLEMS"); RECIPE=$(abspath "$RECIPE"); SFT_RECIPE=$(abspath "$SFT_RECIPE")
+PROBLEMS=$(abspath "$PROBLEMS"); RECIPE=$(abspath "$RECIPE")
+# Only the sft and rft jobs read the SFT recipe; otherwise it was never checked and may not exist
+[[ $SKIP_SFT == 1 && $RFT == 0 ]] || SFT_RECIPE=$(abspath "$SFT_RECIPE")
 [[ -n $HELD_OUT ]] && HELD_OUT=$(abspath "$HELD_OUT")
 [[ -n $MINE_CONFIG ]] && MINE_CONFIG=$(abspath "$MINE_CONFIG")
 common_args

@@ -40,3 +40,16 @@ def test_serve_reward_names_a_missing_model_directory_at_once(tmp_path):
     assert res.returncode == 2
     assert res.stderr == (f"serve_reward.sh: model directory {missing} does not exist; give a saved model directory "
                           "or a hub id (org/name)\n")
+
+
+def test_loop_without_sft_or_rft_jobs_does_not_resolve_the_sft_recipe(tmp_path):
+    # --skip-sft without --rft-control submits no job that reads --sft-recipe, so it is never checked; resolving
+    # its path anyway printed "cd: ...: No such file or directory" among the dry run's sbatch lines.
+    (tmp_path / "p.jsonl").write_text("{}\n")
+    res = subprocess.run(["bash", str(REPO / "slurm/loop.sh"), "--run-dir", str(tmp_path / "run"), "--model", "m",
+                          "--problems", str(tmp_path / "p.jsonl"), "--skip-sft", "--sft-recipe",
+                          str(tmp_path / "no-such-dir" / "sft.yaml"), "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[0].split() == ["mine1=<mine1>", "train1=<train1>", "mine2=<mine2>", "train2=<train2>"]
+    assert "No such file" not in res.stderr and res.stderr.count("sbatch --parsable") == 4
