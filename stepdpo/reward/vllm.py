@@ -15,7 +15,11 @@ Knobs, and why each exists:
 * readmit_poll (10 s): a URL out of rotation because its server went away (connection refused) is probed on
   `/health` that often while the other URLs carry the run, and takes batches again once it answers: a
   replica restarted under a long `mine` is back in use within seconds, not only in the next run. A URL
-  out for failing answers (5xx past the retry budget) stays out, as it is not waited for either.
+  out for failing answers (5xx past the retry budget) stays out, as it is not waited for either. A probe
+  runs in the thread of a batch, so a silent host (a node powered off drops packets instead of refusing;
+  a hung server accepts and never answers) would cost that batch a timeout every poll: a probe that times
+  out doubles that URL's interval, up to 8 times readmit_poll, and waits at most connect_timeout for the
+  answer (a live server's `/health` answers at once).
 * health wait: `/health` is polled until 200 or a deadline at start, so a starting server is waited
   for and a dead one is reported by URL.
 * reconnect_timeout: when every URL has gone away mid-run (connection refused: a server killed, crashed or
@@ -101,6 +105,7 @@ class VLLMClient:
         self.reconnect_poll = reconnect_poll
         self.readmit_poll = readmit_poll
         self._next_probe: dict[str, float] = {}  # when a URL out of rotation is next probed for readmission
+        self._probe_every: dict[str, float] = {}  # a silent URL's grown probe interval (default readmit_poll)
         self._back_at: dict[str, float] = {}  # when a URL last came back into rotation
         self._lock = threading.Lock()
         self._reconnect_lock = threading.Lock()  # one thread polls /health in an outage; the others queue on it
@@ -144,10 +149,10 @@ class VLLMClient:
                     )
                 time.sleep(poll_s)
 
-    def _health_problem(self, url: str) -> str | None:
+    def _health_problem(self, url: str, read_timeout: float = 10.0) -> str | None:
         """One `/health` probe: None when the server answers 200, else what went wrong (for messages)."""
         try:
-            r = self._session.get(f"{url}/health", timeout=(self.timeout[0], 10))
+            r = self._session.get(f"{url}/health", timeout=(self.timeout[0], read_timeout))
         except requests.RequestException as e:
             return type(e).__name__
         return None if r.status_code == 200 else f"HTTP {r.status_code}"
@@ -250,21 +255,27 @@ class VLLMClient:
 
     def _readmit_returned(self) -> None:
         """Put back in rotation the URLs that went away (connection refused) and answer `/health` again; each is
-        probed at most once per `readmit_poll` seconds, by whichever batch comes first, outside the lock."""
+        probed at most once per `readmit_poll` seconds (more rarely once its probes time out), by whichever batch
+        comes first, outside the lock."""
         now = time.monotonic()
         with self._lock:
             due = [u for u in self.urls if u in self.dead and isinstance(self._last_error.get(u), ServerUnreachable)
                    and self._next_probe.get(u, 0.0) <= now]
             for u in due:
-                self._next_probe[u] = now + self.readmit_poll
+                self._next_probe[u] = math.inf  # one probe at a time: the others would queue behind a slow one
         for u in due:
-            if self._health_problem(u) is not None:
-                continue
+            start = time.monotonic()
+            problem = self._health_problem(u, read_timeout=self.timeout[0])
             with self._lock:
-                if u in self.dead:
-                    self._back_in_rotation(u, time.monotonic())
-                    self.url_stats[u]["readmitted"] += 1
-                    logger.warning("%s answers /health again; back in rotation", redact_url(u))
+                if problem is None:
+                    self._probe_every.pop(u, None)
+                    if u in self.dead:
+                        self._back_in_rotation(u, time.monotonic())
+                        self.url_stats[u]["readmitted"] += 1
+                        logger.warning("%s answers /health again; back in rotation", redact_url(u))
+                elif time.monotonic() - start >= self.timeout[0] / 2:  # timed out, not refused: back off
+                    self._probe_every[u] = min(2 * self._probe_every.get(u, self.readmit_poll), 8 * self.readmit_poll)
+                self._next_probe[u] = time.monotonic() + self._probe_every.get(u, self.readmit_poll)
 
     def _back_in_rotation(self, u: str, now: float) -> None:
         """(Under the lock.) `u` answers again: it takes batches, also from batches that failed on it before."""

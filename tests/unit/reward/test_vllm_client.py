@@ -275,6 +275,51 @@ def test_a_batch_may_go_back_to_a_replica_it_failed_on_once_that_replica_is_back
     assert c.url_stats[a]["batches"] == 1 and c.url_stats[a]["readmitted"] == 1
 
 
+def test_a_silent_replica_is_probed_less_and_less_often(make_server):
+    # A replica whose host drops packets, or whose server hangs, costs the batch that probes it a timeout. Each
+    # probe that times out doubles the interval (up to 8 x readmit_poll) and waits connect_timeout for the
+    # answer, not 10 s; before, such a host cost a batch 10 s every readmit_poll.
+    good, gone = make_server(), _dead_url()
+    port = int(gone.rsplit(":", 1)[1])
+    silent, probes, held, lock = socket.socket(), [], [], threading.Lock()
+    c = client([gone, good.url], concurrency=1, readmit_poll=0.05, connect_timeout=0.2)
+    start = time.monotonic()
+
+    def accept():  # accepts and never answers, like a hung server
+        while True:
+            try:
+                conn, _ = silent.accept()
+            except OSError:
+                return
+            probes.append(time.monotonic())
+            held.append(conn)
+
+    def call(url, batch):
+        time.sleep(0.01)
+        if time.monotonic() - start > 20:  # it takes about 3 s
+            raise AssertionError("probing the silent replica held up the run")
+        with lock:
+            if gone in c.dead and not silent.getsockname()[1]:  # it comes back silent once out of rotation
+                silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                silent.bind(("127.0.0.1", port))
+                silent.listen()
+                threading.Thread(target=accept, daemon=True).start()
+        return c.last_token_logprobs(url, batch)
+
+    try:
+        c.map_batches([[[1, 2, 3]]] * 250, call)  # 2.5 s or more of batches of 10 ms
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()
+    took = time.monotonic() - start
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert len(probes) >= 3 and c.url_stats[gone]["readmitted"] == 0
+    # each gap is at least the grown interval plus the probe's own 0.2 s (slowness only lengthens them)
+    assert all(g >= min(2 ** (k + 1), 8) * 0.05 + 0.2 for k, g in enumerate(gaps)), gaps
+    assert len(probes) <= 2 + took / (8 * 0.05 + 0.2)
+
+
 def test_when_every_url_fails_the_error_names_a_url():
     c = client([_dead_url(), _dead_url()])
     with pytest.raises(ServerUnreachable, match="127.0.0.1"):
