@@ -92,8 +92,10 @@ if [[ $SKIP_SFT == 0 ]]; then
   [[ -n $SFT_DATA ]] || die "--sft-data (correct step-by-step solutions) is required, or --skip-sft"
   [[ -f $SFT_DATA ]] || die "--sft-data $SFT_DATA: no such file"
 fi
-if [[ $SKIP_SFT == 0 || $RFT == 1 ]]; then
+abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+if [[ $SKIP_SFT == 0 || $RFT == 1 ]]; then  # only the sft and rft jobs read the SFT recipe
   [[ -f $SFT_RECIPE ]] || die "--sft-recipe $SFT_RECIPE: no such file"
+  SFT_RECIPE=$(abspath "$SFT_RECIPE")
 fi
 [[ -z $RFT_ARGS || $RFT == 1 ]] || die "--rft-args configures the --rft-control job; add --rft-control"
 [[ -z $HELD_OUT || -f $HELD_OUT ]] || die "--held-out $HELD_OUT: no such file"
@@ -112,7 +114,6 @@ eval "TRAIN_ARGV=($TRAIN_ARGS)" 2>/dev/null || die "--train-args: unbalanced quo
 eval "MINE_ARGV=($MINE_ARGS)" 2>/dev/null || die "--mine-args: unbalanced quotes in '$MINE_ARGS'"
 eval "RFT_ARGV=($RFT_ARGS)" 2>/dev/null || die "--rft-args: unbalanced quotes in '$RFT_ARGS'"
 
-abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
 [[ $ENV_SPEC != container:* ]] || die "--env container:IMAGE: loop.sh runs no srun; use venv:PATH, conda:NAME or cmd:CODE"
 ENV_SETUP=$(env_setup "$ENV_SPEC")
 VLLM_PY=""; [[ $VLLM_ENV_SPEC == venv:* ]] && VLLM_PY="${VLLM_ENV_SPEC#venv:}/bin/python"
@@ -121,8 +122,6 @@ VLLM_PY=""; [[ $VLLM_ENV_SPEC == venv:* ]] && VLLM_PY="${VLLM_ENV_SPEC#venv:}/bi
 mkdir -p "$RUN_DIR/logs"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 PROBLEMS=$(abspath "$PROBLEMS"); RECIPE=$(abspath "$RECIPE")
-# Only the sft and rft jobs read the SFT recipe; otherwise it was never checked and may not exist
-[[ $SKIP_SFT == 1 && $RFT == 0 ]] || SFT_RECIPE=$(abspath "$SFT_RECIPE")
 [[ -n $HELD_OUT ]] && HELD_OUT=$(abspath "$HELD_OUT")
 [[ -n $MINE_CONFIG ]] && MINE_CONFIG=$(abspath "$MINE_CONFIG")
 common_args
