@@ -268,7 +268,6 @@ class VLLMClient:
             problem = self._health_problem(u, read_timeout=self.timeout[0])
             with self._lock:
                 if problem is None:
-                    self._probe_every.pop(u, None)
                     if u in self.dead:
                         self._back_in_rotation(u, time.monotonic())
                         self.url_stats[u]["readmitted"] += 1
@@ -358,6 +357,9 @@ class VLLMClient:
                 stats["failed_over"] += 1
             if self._failures_in_a_row[url] >= self.fail_after and url not in self.dead and len(self.urls) > 1:
                 self.dead.add(url)
+                # every departure starts at readmit_poll, however the URL came back last time (a probe, or the
+                # outage wait, which does not probe at this interval)
+                self._probe_every.pop(url, None)
                 self._next_probe[url] = time.monotonic() + self.readmit_poll
                 stats["in_rotation"] = False
                 logger.warning("%s failed %d times in a row (%s); its batches go to the other URLs", redact_url(url),

@@ -320,6 +320,18 @@ def test_a_silent_replica_is_probed_less_and_less_often(make_server):
     assert len(probes) <= 2 + took / (8 * 0.05 + 0.2)
 
 
+def test_a_url_that_leaves_again_is_probed_at_the_first_interval_again(make_server):
+    # A URL that backed off (silent, then readmitted, here by the outage wait, which does not reset the probe
+    # interval) and leaves the rotation again starts over at readmit_poll, not at its grown interval.
+    good, gone = make_server(), _dead_url()
+    c = client([gone, good.url], readmit_poll=10.0)
+    c._probe_every[gone] = 80.0  # as if it had been silent
+    before = time.monotonic()
+    c.map_batches([[[1, 2, 3]]] * 4, c.last_token_logprobs)
+    assert gone in c.dead and gone not in c._probe_every
+    assert before + 10.0 <= c._next_probe[gone] <= time.monotonic() + 10.0
+
+
 def test_when_every_url_fails_the_error_names_a_url():
     c = client([_dead_url(), _dead_url()])
     with pytest.raises(ServerUnreachable, match="127.0.0.1"):
