@@ -12,20 +12,22 @@ Knobs, and why each exists:
 * Several URLs: batches are sharded round-robin across replicas; results are reassembled in order.
   A batch whose URL fails (unreachable, or its retry budget spent) is sent to another URL; a URL that
   fails `fail_after` times in a row is taken out of rotation, and `url_stats` says so for the report.
-* readmit_poll (10 s): a URL out of rotation because its server went away (connection refused) is probed on
-  `/health` that often while the other URLs carry the run, and takes batches again once it answers: a
-  replica restarted under a long `mine` is back in use within seconds, not only in the next run. A URL
-  out for failing answers (5xx past the retry budget) stays out, as it is not waited for either. A probe
+* readmit_poll (10 s): a URL out of rotation because its server went away (connection refused, or still no
+  connection within connect_timeout when its retries are spent: a host powered off drops packets instead of
+  refusing) is probed on `/health` that often while the other URLs carry the run, and takes batches again once
+  it answers: a replica restarted under a long `mine` is back in use within seconds, not only in the next run.
+  A URL out for failing answers (5xx past the retry budget) stays out, as it is not waited for either. A probe
   runs in the thread of a batch, so a silent host (a node powered off drops packets instead of refusing;
   a hung server accepts and never answers) would cost that batch a timeout every poll: a probe that times
   out doubles that URL's interval, up to 8 times readmit_poll, and waits at most connect_timeout for the
   answer (a live server's `/health` answers at once).
 * health wait: `/health` is polled until 200 or a deadline at start, so a starting server is waited
   for and a dead one is reported by URL.
-* reconnect_timeout: when every URL has gone away mid-run (connection refused: a server killed, crashed or
-  requeued), `/health` is polled for that long before giving up, and the run continues once one answers.
-  A restarted server costs a pause, not a re-run. URLs that answer but fail (HTTP 5xx until the retry
-  budget is spent) are not waited for: waiting cannot tell when that ends. 0 gives up at once.
+* reconnect_timeout: when every URL has gone away mid-run (connection refused or never made: a server killed,
+  crashed or requeued, a node powered off), `/health` is polled for that long before giving up, and the run
+  continues once one answers. A restarted server costs a pause, not a re-run. URLs that answer but fail (HTTP
+  5xx until the retry budget is spent) are not waited for: waiting cannot tell when that ends. 0 gives up at
+  once.
 The API key comes from an env var or a file; it is sent as a header and never logged or put in argv.
 """
 
@@ -183,6 +185,12 @@ class VLLMClient:
                     raise BadRequest(f"{url}{path}: HTTP {r.status_code}: {r.text[:300]}")
                 problem = f"HTTP {r.status_code}"
             if attempt >= self.max_retries:
+                if problem == "connect timeout":
+                    # No connection at all, to the end: the host is gone (powered off, dropping packets), not
+                    # failing. As a lost server it is probed for readmission and waited for in an outage, like
+                    # one that refuses; as a spent budget it would be neither, even once it is back.
+                    raise ServerUnreachable(f"{url}: no connection within {self.timeout[0]:g} s, {attempt + 1} "
+                                            "times (connect timeout); is the host up?")
                 raise RetryBudgetExhausted(f"{url}{path}: gave up after {attempt + 1} attempts (last: {problem})")
             # Full jitter: many clients retrying together do not hit the server in lockstep.
             time.sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt)))

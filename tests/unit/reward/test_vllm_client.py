@@ -236,13 +236,14 @@ def test_a_replica_that_comes_back_is_put_back_in_rotation(make_server, caplog):
     # batches again, instead of leaving the other replica to carry the rest of the run alone.
     good, gone = make_server(), _dead_url()
     port = int(gone.rsplit(":", 1)[1])
-    revived = []
+    revived, lock = [], threading.Lock()
     c = client([gone, good.url], concurrency=1, readmit_poll=0.05)
 
     def call(url, batch):
         time.sleep(0.01)
-        if not revived and gone in c.dead:  # restarted only once it is out of rotation
-            revived.append(make_server(port))
+        with lock:  # both batch threads may see it out of rotation; only one restarts it
+            if not revived and gone in c.dead:  # restarted only once it is out of rotation
+                revived.append(make_server(port))
         return c.last_token_logprobs(url, batch)
 
     batches = [[[1, 10 + i, 20 + i]] for i in range(60)]
@@ -330,6 +331,71 @@ def test_a_url_that_leaves_again_is_probed_at_the_first_interval_again(make_serv
     c.map_batches([[[1, 2, 3]]] * 4, c.last_token_logprobs)
     assert gone in c.dead and gone not in c._probe_every
     assert before + 10.0 <= c._next_probe[gone] <= time.monotonic() + 10.0
+
+
+class _SilentHost:
+    """A port whose connections are never made, as on a host that is powered off and drops packets: a listening
+    socket with a backlog of 0 that never accepts, its one queue slot taken, so the kernel drops further SYNs and
+    a client's connect times out (not refused). `close` frees the port for a real server."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # so that a server can take the port after
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.filler = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+
+    def close(self):
+        self.filler.close()
+        self.sock.close()
+
+
+def test_a_host_that_drops_packets_is_probed_and_readmitted_once_it_answers(make_server):
+    # Before, connect timeouts spent the retry budget and the URL left as a failing one (like 5xx), never probed:
+    # a replica whose node was down for a while stayed idle for the rest of the run.
+    silent, good = _SilentHost(), make_server()
+    revived, lock = [], threading.Lock()
+    c = client([silent.url, good.url], concurrency=1, max_retries=1, connect_timeout=0.2, readmit_poll=0.05)
+
+    def call(url, batch):
+        time.sleep(0.01)
+        with lock:  # both batch threads may see it out of rotation; only one restarts it
+            if not revived and silent.url in c.dead:  # the node comes back once its URL is out of rotation
+                silent.close()
+                revived.append(make_server(silent.port))
+        return c.last_token_logprobs(url, batch)
+
+    try:
+        out = c.map_batches([[[1, 10 + i, 20 + i]] for i in range(60)], call)
+    finally:
+        silent.close()
+    assert out == [[pytest.approx(-0.5 - 0.01 * (20 + i))] for i in range(60)]
+    assert isinstance(c._last_error[silent.url], ServerUnreachable)
+    assert "no connection within 0.2 s, 2 times (connect timeout); is the host up?" in str(c._last_error[silent.url])
+    stats = c.url_stats[silent.url]
+    assert stats["readmitted"] == 1 and stats["in_rotation"] is True and stats["batches"] > 10
+
+
+def test_a_lone_host_that_drops_packets_is_waited_for_like_one_that_refuses(make_server):
+    # Before, its connect timeouts spent the retry budget and the run stopped: the outage wait was only for servers
+    # that refuse.
+    silent = _SilentHost()
+    c = client(silent.url, max_retries=1, connect_timeout=0.2, reconnect_timeout=30, reconnect_poll=0.05)
+
+    def revive():  # the node comes back once the batch has given up on it
+        while not c.url_stats[silent.url]["failures"]:
+            time.sleep(0.01)
+        silent.close()
+        make_server(silent.port)
+
+    threading.Thread(target=revive, daemon=True).start()
+    try:
+        assert c.map_batches([[[1, 2, 3]]], c.last_token_logprobs) == [[pytest.approx(-0.53)]]
+    finally:
+        silent.close()
+    assert c.reconnects == 1 and c.requests_sent == 3  # two connect timeouts, then the answer
 
 
 def test_when_every_url_fails_the_error_names_a_url():
