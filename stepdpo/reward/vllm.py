@@ -262,9 +262,9 @@ class VLLMClient:
             return result
 
     def _readmit_returned(self) -> None:
-        """Put back in rotation the URLs that went away (connection refused) and answer `/health` again; each is
-        probed at most once per `readmit_poll` seconds (more rarely once its probes time out), by whichever batch
-        comes first, outside the lock."""
+        """Put back in rotation the URLs that went away (connection refused or never made) and answer `/health`
+        again; each is probed at most once per `readmit_poll` seconds (more rarely once its probes time out), by
+        whichever batch comes first, outside the lock."""
         now = time.monotonic()
         with self._lock:
             due = [u for u in self.urls if u in self.dead and isinstance(self._last_error.get(u), ServerUnreachable)
@@ -272,7 +272,6 @@ class VLLMClient:
             for u in due:
                 self._next_probe[u] = math.inf  # one probe at a time: the others would queue behind a slow one
         for u in due:
-            start = time.monotonic()
             problem = self._health_problem(u, read_timeout=self.timeout[0])
             with self._lock:
                 if problem is None:
@@ -280,7 +279,7 @@ class VLLMClient:
                         self._back_in_rotation(u, time.monotonic())
                         self.url_stats[u]["readmitted"] += 1
                         logger.warning("%s answers /health again; back in rotation", redact_url(u))
-                elif time.monotonic() - start >= self.timeout[0] / 2:  # timed out, not refused: back off
+                elif problem in ("ConnectTimeout", "ReadTimeout"):  # silent, not refused: back off
                     self._probe_every[u] = min(2 * self._probe_every.get(u, self.readmit_poll), 8 * self.readmit_poll)
                 self._next_probe[u] = time.monotonic() + self._probe_every.get(u, self.readmit_poll)
 
