@@ -98,11 +98,7 @@ def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: st
     if is_local(repo_id):
         return f"{repo_id}: local directory"
     if _offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        probe = "config.json" if repo_type == "model" else "README.md"
-        cached = try_to_load_from_cache(repo_id, probe, revision=revision, repo_type=repo_type)
-        if not isinstance(cached, str):
+        if not _cached(repo_id, revision, repo_type):
             raise AuthError(
                 "offline_not_cached",
                 f"{repo_id}: HF_HUB_OFFLINE=1 and no cached copy was found. Download it once with hub access "
@@ -165,6 +161,67 @@ def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: st
             ) from None
         raise
     return f"{repo_id}: accessible with token from {token.source}"
+
+
+class ModelSourceError(StepdpoError):
+    """A model name that is neither an existing directory nor a hub id."""
+
+
+_CHECKED: set[tuple[str, str | None]] = set()
+
+
+def check_model(name: str, token: Token, field: str = "--model", revision: str | None = None) -> None:
+    """The check every stage that loads a model by name runs before loading it (training runs the same preflight
+    through `preflight_for_training`). A local directory passes. A path that does not exist, and a hub id that is
+    gated, private, misspelt, or offline without a cached copy, stop here: one line that names `field` and the fix
+    (AuthError, exit 3). Without it, transformers retried an unreachable hub for about 50 s and then reported a
+    download failure, and the CLI added advice about paths and free space.
+
+    An unreachable hub with a cached copy is not an error here: transformers loads the copy (after its own
+    retries), as it did before this check; the warning says how to skip the hub. Training stops instead, since
+    every worker would wait through those retries on allocated GPUs. Runs once per model and process."""
+    if is_local(name) or (name, revision) in _CHECKED:
+        return
+    if looks_like_path(name):
+        raise ModelSourceError(f"{_named(name, field)}: no such model directory")
+    try:
+        preflight(name, token, revision=revision)
+    except AuthError as e:
+        if e.kind == "unreachable" and _cached(name, revision):
+            import logging
+
+            logging.getLogger("stepdpo.auth").warning(
+                "%s: %s Loading the cached copy; HF_HUB_OFFLINE=1 skips the hub.", _named(name, field),
+                mask(str(e), token))
+        else:
+            message = mask(str(e), token)  # with the field: mine and eval load more than one model
+            message = (_named(name, field) + message[len(name):] if message.startswith(name)
+                       else f"{_named(name, field)}: {message}")
+            raise AuthError(e.kind, message) from None
+    _CHECKED.add((name, revision))
+
+
+def _named(name: str, field: str) -> str:
+    """`--model NAME` for a flag, `NAME (where it came from)` otherwise."""
+    return f"{field} {name}" if field.startswith("--") else f"{name} ({field})"
+
+
+def _cached(repo_id: str, revision: str | None, repo_type: str = "model") -> bool:
+    """Whether the hub cache holds a copy (its config.json; a dataset's README.md)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    probe = "config.json" if repo_type == "model" else "README.md"
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, probe, revision=revision, repo_type=repo_type), str)
+    except Exception:  # an id the cache cannot even name
+        return False
+
+
+def model_token(name: str, token_file: str | None, field: str = "--model", revision: str | None = None) -> str | None:
+    """The token for loading `name` (see `resolve_token`), after `check_model`: what a stage calls first."""
+    token = resolve_token(token_file)
+    check_model(name, token, field, revision)
+    return token.value
 
 
 def _bounded(call, endpoint: str):

@@ -149,6 +149,9 @@ def _setup_logging() -> None:
     rank0 = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # huggingface_hub's HTTP client logs every request at INFO (a line per file downloaded, per preflight)
+    for name in ("httpx2", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from stepdpo.errors import StepdpoError
 
     _setup_logging()
+    options = None
     try:
         options, fn = parse(name, rest)
         fn(options)  # a stage returns its result (for callers in Python) or raises; success is exit 0
@@ -180,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # read-only or full output directory, a missing YAML file, ...
         if debug:
             raise
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"stepdpo {name}: error:{where}: {e.strerror or e} (check the path, its permissions and free space; "
-              "--debug shows the traceback)", file=sys.stderr)
+        print(f"stepdpo {name}: error: {_os_error(e, options)}; --debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stepdpo {name}: interrupted", file=sys.stderr)
@@ -190,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _quiet_broken_pipe()
     return 0
+
+
+def _os_error(e: OSError, options) -> str:
+    """The file an OSError names, else (a write to an open file: a full disk) the stage's output, and what to check."""
+    if getattr(e, "filename", None):
+        return f"{e.filename}: {e.strerror or e} (check the path, its permissions and free space"
+    outs = [f"--{k.replace('_', '-')} {getattr(options, k)}" for k in ("out", "output_dir")
+            if getattr(options, k, None)]
+    where = f"output {', '.join(outs)}: check its" if outs else "check the paths, their"
+    return f"{e.strerror or e} ({where} permissions and free space"
 
 
 def _quiet_broken_pipe() -> None:

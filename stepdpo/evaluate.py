@@ -153,6 +153,12 @@ def _loading_args(run_cfg: dict | None) -> SimpleNamespace:
                            bnb_4bit_quant_storage=cfg.get("bnb_4bit_quant_storage"))
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model a PEFT adapter directory was trained on, or None when `path` is not an adapter."""
+    config = Path(path) / "adapter_config.json"
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
 def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = None):
     """A full model directory, or a PEFT adapter directory on its base loaded as trained (a QLoRA adapter on
     the nf4 base), on the GPU when there is one. Returns (model, tokenizer)."""
@@ -163,11 +169,7 @@ def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = No
     args = _loading_args(run_cfg)
     device = _device()
     adapter = Path(path) / "adapter_config.json"
-    from stepdpo.auth import looks_like_path
-
-    if not Path(path).exists() and looks_like_path(path):
-        raise EvalError(f"--model {path}: no such model directory")
-    base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
+    base_name = adapter_base(path) or path
     try:
         cfg = AutoConfig.from_pretrained(base_name, token=token)
     except OSError as e:
@@ -264,7 +266,7 @@ def answer_accuracy(model_name: str, model, answers: dict, settings: dict, label
 def run_eval(options: EvalOptions) -> dict:
     """Does the policy prefer the chosen step? Writes OUT/metrics.json (pair accuracy, with and without the
     reference, margins, per kind, the reward model's accuracy) and, with --run-dir, OUT/training_curves.png."""
-    from stepdpo.auth import resolve_token
+    from stepdpo.auth import check_model, resolve_token
     from stepdpo.data.pairs import read_pairs
     from stepdpo.train.checkpoint import load_run_config
 
@@ -279,12 +281,18 @@ def run_eval(options: EvalOptions) -> dict:
     if ref_model is None and run_cfg and not run_cfg.get("use_peft") and model and \
             not (Path(model) / "adapter_config.json").is_file():
         ref_model = run_cfg.get("model_name_or_path")  # a full fine-tune's reference: the model it started from
+    token = resolve_token(options.hf_token_file)
+    if model:  # every model this run loads, checked before any work
+        for name, field in ((model, "--model"), (adapter_base(model), f"the base model in {model}/adapter_config.json"),
+                            (ref_model, "--ref-model")):
+            if name:
+                check_model(name, token, field)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     if model:
         metrics = evaluate(model, pairs, ref_model, beta=settings["beta"], batch_size=options.batch_size,
                            max_length=settings["max_length"], append_eos=settings["append_eos"],
-                           progress=options.progress, token=resolve_token(options.hf_token_file).value,
+                           progress=options.progress, token=token.value,
                            run_cfg=run_cfg, settings=settings,
                            answers={"problems": options.answers, "out": str(out), "n": options.answer_samples,
                                     "temperature": options.answer_temperature,

@@ -43,12 +43,12 @@ def inspect_pairs(options: InspectOptions) -> list[dict]:
     and the token boundary between prompt and step."""
     from transformers import AutoConfig
 
-    from stepdpo.auth import resolve_token
+    from stepdpo.auth import model_token
     from stepdpo.data.pairs import read_pairs
     from stepdpo.train.modeling import load_tokenizer
     from stepdpo.train.tokenize import PairTokenizer
 
-    token = resolve_token(options.hf_token_file).value
+    token = model_token(options.model_name_or_path, options.hf_token_file, revision=options.model_revision)
     pairs = read_pairs(options.pairs)[options.start : options.start + options.n]
     tokenizer = load_tokenizer(options.model_name_or_path, options.model_revision, token)
     config = AutoConfig.from_pretrained(options.model_name_or_path, revision=options.model_revision, token=token)

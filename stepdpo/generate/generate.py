@@ -92,11 +92,11 @@ class GenerateOptions(PolicyOptions):
 def open_policy(options: PolicyOptions, settings: dict, model=None):
     """The policy's tokenizer, prompt style, identity (the cache key's model part: the model's files or hub commit,
     the sampling settings, the prompt style) and generator, for `generate` and `mine` alike."""
-    from stepdpo.auth import resolve_token
+    from stepdpo.auth import model_token
     from stepdpo.identity import model_identity
     from stepdpo.train.modeling import load_tokenizer
 
-    token = resolve_token(options.hf_token_file).value
+    token = model_token(options.model, options.hf_token_file)
     tokenizer = load_tokenizer(options.model, None, token)
     style = prompt_style(tokenizer, options.chat_template, options.system_prompt, options.instruction)
     identity = policy_identity(model_identity(options.model, token), settings, style.key(), options.backend)

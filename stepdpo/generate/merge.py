@@ -26,7 +26,7 @@ def merge(options: MergeOptions) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stepdpo.auth import resolve_token
+    from stepdpo.auth import model_token
     from stepdpo.train.checkpoint import load_run_config
     from stepdpo.train.modeling import DTYPES
 
@@ -38,7 +38,7 @@ def merge(options: MergeOptions) -> Path:
     dtype = options.dtype
     if dtype == "auto":
         dtype = (load_run_config(adapter) or {}).get("dtype", "float32")
-    token = resolve_token(options.hf_token_file).value
+    token = model_token(base, options.hf_token_file, f"the base model in {config_file}")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], token=token)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out = Path(options.out)

@@ -126,6 +126,10 @@ def mine(options: MineOptions, model=None) -> dict:
     problems, _ = read_problems(options.problems)
     if options.limit:
         problems = problems[: options.limit]
+    if options.locate == "prm":  # a reward model that cannot load stops the run now, not after the sampling
+        from stepdpo.auth import model_token
+
+        model_token(options.reward_model, options.hf_token_file, "--reward-model")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -245,7 +249,7 @@ def _max_drop(rates: dict[int, float], start: float) -> int:
 
 def _locate_by_prm(wrong, options: MineOptions) -> list[tuple[Problem, dict, int]]:
     """The first step whose process reward is below the threshold, through the `score` backends."""
-    from stepdpo.auth import resolve_token
+    from stepdpo.auth import model_token
     from stepdpo.reward.score import ScoreOptions, make_backend
     from stepdpo.reward.scorer import MethodSpec
 
@@ -253,7 +257,7 @@ def _locate_by_prm(wrong, options: MineOptions) -> list[tuple[Problem, dict, int
                               backend=options.reward_backend, url=options.reward_url, prm_step_tag=options.prm_step_tag,
                               prm_head=options.prm_head, batch_size=options.batch_size, progress=False)
     spec = MethodSpec(model=options.reward_model, method="prm", step_tag=options.prm_step_tag, head=options.prm_head)
-    backend = make_backend(score_opts, spec, resolve_token(options.hf_token_file).value)
+    backend = make_backend(score_opts, spec, model_token(options.reward_model, options.hf_token_file, "--reward-model"))
     solutions = [(p.text, list(r["steps"])) for p, r in wrong]
     batches = [solutions[i : i + options.batch_size] for i in range(0, len(solutions), options.batch_size)]
     rewards: list = [None] * len(batches)

@@ -94,13 +94,10 @@ def _api_key(env_name: str | None, file: str | None) -> str | None:
 
 
 def make_backend(options: ScoreOptions, spec: MethodSpec, token: str | None) -> RewardBackend:
-    """The one place that picks a backend. The backend's `spec` has the prompt style and the model identity."""
+    """The one place that picks a backend. The backend's `spec` has the prompt style and the model identity. The
+    caller has run `stepdpo.auth.check_model` on the model (`model_token`)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from stepdpo.auth import looks_like_path
-
-    if looks_like_path(spec.model) and not Path(spec.model).expanduser().exists():
-        raise ScoreError(f"--model {spec.model}: no such model directory (cannot load its tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model, token=token)
         config = AutoConfig.from_pretrained(spec.model, token=token)
@@ -196,7 +193,7 @@ def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend:
 def score(options: ScoreOptions) -> dict:
     """Add chosen_step_rewards / rejected_step_rewards to every pair. Scores are cached as they arrive;
     re-running scores only what is missing."""
-    from stepdpo.auth import resolve_token
+    from stepdpo.auth import model_token
     from stepdpo.reward.vllm import VLLMError
 
     spec = MethodSpec(model=options.model, method=options.method, good_token=options.prm_good_token,
@@ -204,8 +201,7 @@ def score(options: ScoreOptions) -> dict:
     pairs = read_pairs(options.pairs)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    token = resolve_token(options.hf_token_file).value
-    backend = make_backend(options, spec, token)
+    backend = make_backend(options, spec, model_token(options.model, options.hf_token_file))
     spec = backend.spec
     cache = ScoreCache(options.cache or out / "score_cache.jsonl")
     start = time.perf_counter()

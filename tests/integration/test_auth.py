@@ -39,6 +39,13 @@ def hub():
                 return self._send(401, {"error": "Invalid credentials in Authorization header"})
             return self._send(404, {"error": "Repository not found"}, "RepoNotFound")
 
+        def do_HEAD(self):  # file metadata, as a download asks it: recorded, never found
+            seen.append((self.path, self.headers.get("Authorization", "")))
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
         def _send(self, status, body, code=None):
             raw = json.dumps(body).encode()
             self.send_response(status)
@@ -224,3 +231,84 @@ def test_token_file_under_xdg_cache_home(tmp_path):
         os.environ.pop("XDG_CACHE_HOME")
         os.environ.update({k: v for k, v in saved.items() if v is not None})
     assert token.value == FAKE and str(tmp_path) in token.source
+
+
+_STAGES = """
+import contextlib, io, json, sys
+from stepdpo.cli import main
+
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results[name] = [rc, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def test_every_stage_that_loads_a_model_by_name_runs_the_preflight_first(hub, tiny_mistral, synth_pairs, tmp_path):
+    """generate, mine (policy and reward model), score, eval, inspect and merge: a gated hub id stops the stage
+    before any work with the preflight's one line, naming where the id came from. Before, transformers' download
+    error came through with advice about paths and free space (and, with the hub unreachable, after about 50 s of
+    retries). One process runs every stage's CLI, so the check is paid for once."""
+    import sys
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"problem": "Start with 3. Add 4.", "answer": "7"}) + "\n")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "acme/gated",
+                                                             "peft_type": "LORA"}))
+    pairs = str(synth_pairs / "train" / "pairs.jsonl")
+    out = lambda name: ["--out", str(tmp_path / name)]  # noqa: E731
+    stages = {
+        "generate": ["generate", "--problems", str(problems), "--model", "acme/gated", *out("g")],
+        "mine": ["mine", "--problems", str(problems), "--model", str(tiny_mistral), "--locate", "prm",
+                 "--reward-model", "acme/gated", *out("m")],
+        "score": ["score", "--pairs", pairs, "--model", "acme/gated", *out("s")],
+        "eval": ["eval", "--pairs", pairs, "--model", str(adapter), *out("e")],
+        "inspect": ["inspect", "--pairs", pairs, "--model", "acme/gated"],
+        "merge": ["merge", "--adapter", str(adapter), *out("merged")],
+    }
+    res = _direct(["-c", _STAGES, json.dumps(stages)], hub["url"], tmp_path, token=None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(res.stdout.splitlines()[-1])
+    named = {"generate": "--model acme/gated", "mine": "--reward-model acme/gated", "score": "--model acme/gated",
+             "eval": f"acme/gated (the base model in {adapter}/adapter_config.json)", "inspect": "--model acme/gated",
+             "merge": f"acme/gated (the base model in {adapter}/adapter_config.json)"}
+    for stage, (rc, err) in results.items():
+        assert rc == 3, (stage, err)
+        assert err.strip() == (f"stepdpo {stage}: error: {named[stage]} is gated and no Hugging Face token was found. "
+                               "Set HF_TOKEN, run `hf auth login`, or pass --hf-token-file; then accept the licence "
+                               f"at {hub['url']}/acme/gated."), (stage, err)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "merged").exists()  # stopped before any work
+
+
+def test_an_unreachable_hub_does_not_stop_a_stage_with_a_cached_copy(tmp_path):
+    """Unreachable and cached: the stage loads the cached copy, as transformers would (with a warning on how to
+    skip the hub); unreachable and not cached: the preflight's one line, at once, instead of transformers'
+    retries."""
+    script = ("import sys\nfrom stepdpo.auth import AuthError, check_model, resolve_token\n"
+              "try:\n    check_model('acme/open', resolve_token())\nexcept AuthError as e:\n"
+              "    print(e.kind, e)\n    sys.exit(3)\nprint('passed')\n")
+    closed = f"http://127.0.0.1:{free_port()}"
+    res = _direct(["-c", script], closed, tmp_path)
+    assert res.returncode == 3 and res.stdout.startswith("unreachable --model acme/open: the hub at"), res.stdout
+    snapshot = tmp_path / "hf_home" / "hub" / "models--acme--open" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    res = _direct(["-c", script], closed, tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == "passed", res.stdout + res.stderr
+    assert "Loading the cached copy; HF_HUB_OFFLINE=1 skips the hub" in res.stderr
+
+
+def test_plan_reads_a_bundled_config_without_asking_the_hub(hub, tmp_path):
+    """Mistral-7B-v0.1's config is bundled: `stepdpo plan` does not ask the hub for it. Before, it asked first and
+    fell back to the copy only when the hub failed, which offline took about 25 s of retries and 24 log lines."""
+    res = _direct(["-m", "stepdpo.cli", "plan", "--model", "mistralai/Mistral-7B-v0.1", "--json"], hub["url"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["parameters"] == 7_241_732_096
+    assert not [path for path, _ in hub["seen"] if "mistralai" in path]

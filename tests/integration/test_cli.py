@@ -152,7 +152,7 @@ def _one_line_cases(d, model, pairs):
         "eval: adapter base missing": (["eval", "--pairs", pairs, "--model", d / "adapter", "--out", d / "e3"],
                                        "base model"),
         "score: local model missing, offline": (["score", "--pairs", pairs, "--model", d / "nope", "--out", d / "s2"],
-                                                "cannot load its tokenizer"),
+                                                "--model " + str(d / "nope") + ": no such model directory"),
     }
 
 

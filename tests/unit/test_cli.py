@@ -136,3 +136,12 @@ def test_the_training_config_lives_in_train_and_scoring_never_imports_eval():
     assert not any(d.startswith("stepdpo.evaluate") for d in graph["stepdpo.reward.score"])
     outside_train = {m for m, deps in graph.items() if not m.startswith("stepdpo.train") and "stepdpo.train.trainer" in deps}
     assert not outside_train, outside_train
+
+
+def test_a_full_disk_names_the_stages_output(capsys):
+    """An OSError from writing to an open file carries no file name: the message names the stage's output
+    instead (before: "error:: No space left on device", with no path). /dev/full fails every write with ENOSPC."""
+    assert cli.main(["synth", "--out", "/dev/full", "--kind", "problems", "--problems", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "stepdpo synth: error: No space left on device (output --out /dev/full: check its permissions and free "
+        "space; --debug shows the traceback)")
