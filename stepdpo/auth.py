@@ -5,9 +5,10 @@ standard token file (`$HF_HOME/token`, `~/.cache/huggingface/token`). The token 
 huggingface_hub / transformers calls as an argument and through the environment of child processes,
 never on a command line, and `mask()` hides it in any text that is logged or saved.
 
-`preflight()` runs once, before any training worker starts, and tells apart:
-no or invalid token (401), gated repo whose licence the token's account has not accepted (403),
-not found (404), hub unreachable, and offline mode without a cached copy.
+`preflight()` tells apart: no or invalid token (401), gated repo whose licence the token's account has not
+accepted (403), not found (404), hub unreachable, and offline mode without a cached copy. `check_model()` runs
+it for a model (and refuses a model path that does not exist) before any training worker starts, and at the
+start of every other stage that loads a model by name.
 """
 
 from __future__ import annotations
@@ -163,42 +164,53 @@ def preflight(repo_id: str, token: Token, repo_type: str = "model", revision: st
     return f"{repo_id}: accessible with token from {token.source}"
 
 
-class ModelSourceError(StepdpoError):
-    """A model name that is neither an existing directory nor a hub id."""
+class ModelSourceError(AuthError):
+    """A model path that does not exist (a usage error: exit status 2)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__("no_such_directory", message)
 
 
-_CHECKED: set[tuple[str, str | None]] = set()
+_CHECKED: dict[tuple[str, str | None], str] = {}
 
 
-def check_model(name: str, token: Token, field: str = "--model", revision: str | None = None) -> None:
-    """The check every stage that loads a model by name runs before loading it (training runs the same preflight
-    through `preflight_for_training`). A local directory passes. A path that does not exist, and a hub id that is
-    gated, private, misspelt, or offline without a cached copy, stop here: one line that names `field` and the fix
-    (AuthError, exit 3). Without it, transformers retried an unreachable hub for about 50 s and then reported a
-    download failure, and the CLI added advice about paths and free space.
+def check_model(name: str, token: Token, field: str = "--model", revision: str | None = None, *,
+                cached_if_unreachable: bool = True) -> str:
+    """The preflight of a model, as every stage that loads one by name runs it before any work (training through
+    `preflight_for_training`, launch/train.sh through `main`). A local directory passes. A path that does not
+    exist (ModelSourceError) and a hub id that is gated, private, misspelt, unreachable, or offline without a
+    cached copy (AuthError) stop here, with one line that names `field` and the fix. Without it, the stages
+    other than training let transformers retry an unreachable hub for about 50 s and then report a download
+    failure, with the CLI's advice about paths and free space; training called a missing directory an
+    unreachable hub. Returns the preflight's status line; runs once per model and process.
 
-    An unreachable hub with a cached copy is not an error here: transformers loads the copy (after its own
-    retries), as it did before this check; the warning says how to skip the hub. Training stops instead, since
-    every worker would wait through those retries on allocated GPUs. Runs once per model and process."""
-    if is_local(name) or (name, revision) in _CHECKED:
-        return
+    `cached_if_unreachable`: with the hub unreachable and a cached copy, go on (transformers loads the copy after
+    its own retries, as it did before this check; the warning says how to skip the hub). Training passes False
+    and stops, since every worker would wait through those retries on allocated GPUs."""
+    if is_local(name):
+        return f"{name}: local directory"
+    if (name, revision) in _CHECKED:
+        return _CHECKED[name, revision]
     if looks_like_path(name):
         raise ModelSourceError(f"{_named(name, field)}: no such model directory")
     try:
-        preflight(name, token, revision=revision)
+        status = preflight(name, token, revision=revision)
     except AuthError as e:
-        if e.kind == "unreachable" and _cached(name, revision):
-            import logging
-
-            logging.getLogger("stepdpo.auth").warning(
-                "%s: %s Loading the cached copy; HF_HUB_OFFLINE=1 skips the hub.", _named(name, field),
-                mask(str(e), token))
-        else:
-            message = mask(str(e), token)  # with the field: mine and eval load more than one model
+        message = mask(str(e), token)
+        if not (cached_if_unreachable and e.kind == "unreachable" and _cached(name, revision)):
+            # named with the field too: mine and eval load more than one model
             message = (_named(name, field) + message[len(name):] if message.startswith(name)
                        else f"{_named(name, field)}: {message}")
             raise AuthError(e.kind, message) from None
-    _CHECKED.add((name, revision))
+        import logging
+
+        status = f"{name}: cached copy, the hub is unreachable"
+        logging.getLogger("stepdpo.auth").warning(
+            "%s: %s Loading the cached copy; HF_HUB_OFFLINE=1 skips the hub.", _named(name, field), message)
+    _CHECKED[name, revision] = status
+    return status
 
 
 def _named(name: str, field: str) -> str:
@@ -263,7 +275,8 @@ def preflight_for_training(config) -> None:
     if state.is_main_process:
         try:
             token = resolve_token(config.hf_token_file)
-            status = preflight(config.model_name_or_path, token, revision=config.model_revision)
+            status = check_model(config.model_name_or_path, token, "--model_name_or_path", config.model_revision,
+                                 cached_if_unreachable=False)
             import logging
 
             logging.getLogger("stepdpo.auth").info("preflight: %s", status)
@@ -276,9 +289,10 @@ def preflight_for_training(config) -> None:
         dist.broadcast_object_list(box, src=0)
         message = box[0]
     if message:
+        error = ModelSourceError(message[1]) if message[0] == "no_such_directory" else AuthError(*message)
         if state.is_main_process:
-            raise AuthError(*message)
-        raise SystemExit(3)  # the main process prints the reason once
+            raise error
+        raise SystemExit(error.exit_code)  # the main process prints the reason once
 
 
 def _unauthorized(repo_id: str, token: Token) -> str:
@@ -322,12 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         token = resolve_token(fields.get("hf_token_file"))
-        print(f"[preflight] {preflight(model, token, revision=fields.get('model_revision'))}", file=sys.stderr)
+        status = check_model(model, token, "--model_name_or_path", fields.get("model_revision"),
+                             cached_if_unreachable=False)
+        print(f"[preflight] {status}", file=sys.stderr)
         if fields.get("hub_dataset"):
             print(f"[preflight] {preflight(fields['hub_dataset'], token, repo_type='dataset')}", file=sys.stderr)
     except AuthError as e:
         print(f"stepdpo preflight: {e.kind}: {mask(str(e))}", file=sys.stderr)
-        return 3
+        return e.exit_code
     return 0
 
 

@@ -251,9 +251,8 @@ def test_every_stage_that_loads_a_model_by_name_runs_the_preflight_first(hub, ti
     """generate, mine (policy and reward model), score, eval, inspect and merge: a gated hub id stops the stage
     before any work with the preflight's one line, naming where the id came from. Before, transformers' download
     error came through with advice about paths and free space (and, with the hub unreachable, after about 50 s of
-    retries). One process runs every stage's CLI, so the check is paid for once."""
-    import sys
-
+    retries). And train and sft call a model path that does not exist by that name (before: "the hub is
+    unreachable", or the hub's own error). One process runs every stage's CLI, so the imports are paid for once."""
     problems = tmp_path / "problems.jsonl"
     problems.write_text(json.dumps({"problem": "Start with 3. Add 4.", "answer": "7"}) + "\n")
     adapter = tmp_path / "adapter"
@@ -270,6 +269,10 @@ def test_every_stage_that_loads_a_model_by_name_runs_the_preflight_first(hub, ti
         "eval": ["eval", "--pairs", pairs, "--model", str(adapter), *out("e")],
         "inspect": ["inspect", "--pairs", pairs, "--model", "acme/gated"],
         "merge": ["merge", "--adapter", str(adapter), *out("merged")],
+        "train": ["train", "--model_name_or_path", "./nope", "--train_pairs", pairs, "--output_dir", str(tmp_path / "t"),
+                  "--use_cpu", "true", "--report_to", "none"],
+        "sft": ["sft", "--model_name_or_path", "./nope", "--train_data", str(problems), "--output_dir",
+                str(tmp_path / "sft"), "--use_cpu", "true", "--report_to", "none"],
     }
     res = _direct(["-c", _STAGES, json.dumps(stages)], hub["url"], tmp_path, token=None)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -277,12 +280,17 @@ def test_every_stage_that_loads_a_model_by_name_runs_the_preflight_first(hub, ti
     named = {"generate": "--model acme/gated", "mine": "--reward-model acme/gated", "score": "--model acme/gated",
              "eval": f"acme/gated (the base model in {adapter}/adapter_config.json)", "inspect": "--model acme/gated",
              "merge": f"acme/gated (the base model in {adapter}/adapter_config.json)"}
+    for stage in ("train", "sft"):
+        rc, err = results.pop(stage)
+        assert rc == 2 and err.strip().splitlines()[-1] == (
+            f"stepdpo {stage}: error: --model_name_or_path ./nope: no such model directory"), (stage, err)
     for stage, (rc, err) in results.items():
         assert rc == 3, (stage, err)
         assert err.strip() == (f"stepdpo {stage}: error: {named[stage]} is gated and no Hugging Face token was found. "
                                "Set HF_TOKEN, run `hf auth login`, or pass --hf-token-file; then accept the licence "
                                f"at {hub['url']}/acme/gated."), (stage, err)
-    assert not (tmp_path / "m").exists() and not (tmp_path / "merged").exists()  # stopped before any work
+    for d in ("m", "merged", "t", "sft"):  # stopped before any work
+        assert not (tmp_path / d).exists(), d
 
 
 def test_an_unreachable_hub_does_not_stop_a_stage_with_a_cached_copy(tmp_path):
