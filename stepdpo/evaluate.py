@@ -153,39 +153,34 @@ def _loading_args(run_cfg: dict | None) -> SimpleNamespace:
                            bnb_4bit_quant_storage=cfg.get("bnb_4bit_quant_storage"))
 
 
-def adapter_base(path: str) -> str | None:
-    """The base model a PEFT adapter directory was trained on, or None when `path` is not an adapter."""
-    config = Path(path) / "adapter_config.json"
-    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
-
-
 def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = None):
     """A full model directory, or a PEFT adapter directory on its base loaded as trained (a QLoRA adapter on
     the nf4 base), on the GPU when there is one. Returns (model, tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from stepdpo.train.checkpoint import adapter_base
     from stepdpo.train.modeling import DTYPES, quantization_config
 
     args = _loading_args(run_cfg)
     device = _device()
-    adapter = Path(path) / "adapter_config.json"
-    base_name = adapter_base(path) or path
+    base = adapter_base(path)
+    base_name = base or path
     try:
         cfg = AutoConfig.from_pretrained(base_name, token=token)
     except OSError as e:
-        what = f"the adapter's base model {base_name!r}" if adapter.is_file() else f"--model {path}"
+        what = f"the adapter's base model {base_name!r}" if base else f"--model {path}"
         raise EvalError(f"{what} cannot be loaded ({str(e).splitlines()[0]}); pass a local directory, or make the "
                         "hub id reachable (a token for gated models, a cached copy when offline)") from None
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     kwargs = {"dtype": DTYPES[args.dtype], "token": token}
-    quant = quantization_config(args) if adapter.is_file() else None
+    quant = quantization_config(args) if base else None
     if quant is not None:
         kwargs["quantization_config"] = quant
     model = cls.from_pretrained(base_name, **kwargs)
     if quant is None:
         model.to(device)
     prepare_for_logps(model, str((run_cfg or {}).get("prefix_sharing", "auto")).lower())  # before PEFT wraps it
-    if adapter.is_file():
+    if base:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path)
@@ -268,7 +263,7 @@ def run_eval(options: EvalOptions) -> dict:
     reference, margins, per kind, the reward model's accuracy) and, with --run-dir, OUT/training_curves.png."""
     from stepdpo.auth import check_model, resolve_token
     from stepdpo.data.pairs import read_pairs
-    from stepdpo.train.checkpoint import load_run_config
+    from stepdpo.train.checkpoint import adapter_base, load_run_config
 
     pairs = read_pairs(options.pairs)
     model = options.model or (str(Path(options.run_dir) / "final") if options.run_dir else None)
@@ -277,13 +272,13 @@ def run_eval(options: EvalOptions) -> dict:
         if where and run_cfg is None and Path(where).is_dir():
             run_cfg = load_run_config(where)
     settings = eval_settings(options, run_cfg)
+    base = adapter_base(model) if model else None
     ref_model = options.ref_model
-    if ref_model is None and run_cfg and not run_cfg.get("use_peft") and model and \
-            not (Path(model) / "adapter_config.json").is_file():
+    if ref_model is None and run_cfg and not run_cfg.get("use_peft") and model and base is None:
         ref_model = run_cfg.get("model_name_or_path")  # a full fine-tune's reference: the model it started from
     token = resolve_token(options.hf_token_file)
     if model:  # every model this run loads, checked before any work
-        for name, field in ((model, "--model"), (adapter_base(model), f"the base model in {model}/adapter_config.json"),
+        for name, field in ((model, "--model"), (base, f"the base model in {model}/adapter_config.json"),
                             (ref_model, "--ref-model")):
             if name:
                 check_model(name, token, field)

@@ -4,7 +4,6 @@ dtype (16-bit on a GPU, float32 on CPU), as merging needs real weights."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,18 +26,17 @@ def merge(options: MergeOptions) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stepdpo.auth import model_token
-    from stepdpo.train.checkpoint import load_run_config
+    from stepdpo.train.checkpoint import adapter_base, load_run_config
     from stepdpo.train.modeling import DTYPES
 
     adapter = Path(options.adapter)
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
+    base = adapter_base(adapter)
+    if base is None:
         raise StepdpoError(f"--adapter {adapter}: no adapter_config.json (a full model needs no merging)")
-    base = json.loads(config_file.read_text())["base_model_name_or_path"]
     dtype = options.dtype
     if dtype == "auto":
         dtype = (load_run_config(adapter) or {}).get("dtype", "float32")
-    token = model_token(base, options.hf_token_file, f"the base model in {config_file}")
+    token = model_token(base, options.hf_token_file, f"the base model in {adapter / 'adapter_config.json'}")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], token=token)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out = Path(options.out)

@@ -69,6 +69,12 @@ def save_run_config(args, directory: str | Path) -> Path | None:
     return path
 
 
+def adapter_base(path: str | Path) -> str | None:
+    """The base model a PEFT adapter directory was trained on, or None when `path` is not an adapter."""
+    config = Path(path) / "adapter_config.json"
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
 def load_run_config(path: str | Path) -> dict | None:
     """The saved training config of a run directory, its final model, or a checkpoint."""
     path = Path(path)
