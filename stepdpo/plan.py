@@ -201,12 +201,16 @@ class PlanOptions:
         "help": "Pairs per GPU per step (DPO runs 2 sequences each).", "aliases": ["--micro-batch"]})
     lora_r: int = opt(16, "LoRA rank.")
     gradient_checkpointing: bool = opt(True, "Activation memory with gradient checkpointing.")
+    activation_checkpointing: bool | None = opt(
+        None, "transformers 5's name for gradient_checkpointing (a recipe may use either); wins when set.")
     use_peft: bool = opt(False, "From a recipe: LoRA (mode lora unless load_in_4bit).")
     load_in_4bit: bool = opt(False, "From a recipe: QLoRA (mode qlora).")
     json: bool = opt(False, "Machine-readable output.")
 
     def __post_init__(self):
         check(bool(self.model_name_or_path), "model", "is required (or model_name_or_path in --config)")
+        if self.activation_checkpointing is not None:
+            self.gradient_checkpointing = self.activation_checkpointing
         if self.mode is None:
             self.mode = "qlora" if self.load_in_4bit else "lora" if self.use_peft else "qlora"
         check_choice(self.mode, "mode", MODES)

@@ -91,6 +91,7 @@ class ModelArgs:
     )
 
     def _check_model_args(self):
+        self._checkpointing_alias()
         if self.chat_template not in CHAT_MODES:
             raise OptionsError(f"chat_template={self.chat_template!r}: choose one of {', '.join(CHAT_MODES)}")
         if self.dtype not in DTYPE_CHOICES:
@@ -103,6 +104,19 @@ class ModelArgs:
             # TRL turns bf16 autocast on by default, even on CPU. On CPU stepdpo trains in fp32 unless
             # asked: exact, reproducible (resume == uninterrupted run) and no slower at tiny sizes.
             self.bf16 = False
+
+    def _checkpointing_alias(self):
+        """transformers 5 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
+        (FutureWarning, twice per process) whenever the old name is set, but TRL 1.16's configs set the old name
+        themselves (default True), so every train and sft run warned whatever the recipe said. The old name stays
+        accepted, as TRL and alignment-handbook recipes write it: it fills the new one when that is unset, which is
+        transformers' own rule (TrainingArguments.__post_init__), without the warning. transformers then mirrors
+        the new name into the old, so code reading either (TRL, PEFT, ours) sees the same value."""
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+            setattr(self, old, None)
 
 
 @dataclass

@@ -30,6 +30,23 @@ def zero_stage(training_args) -> int:
     return 0
 
 
+def reentrant_checkpointing_for_peft_zero3(args, model, peft_config=None) -> None:
+    """Re-entrant activation checkpointing for a PEFT model under ZeRO-3, set where transformers 5 reads it.
+
+    Non-re-entrant checkpointing crashed with frozen parameters under ZeRO-3 (`CheckpointError: Recomputed values
+    ... have different metadata`, huggingface/transformers#47254; fixed in deepspeedai/DeepSpeed#8148, which not
+    every DeepSpeed 0.19 has). TRL 1.16's trainers force `use_reentrant=True` there (huggingface/trl#6356), but
+    they write it to `args.gradient_checkpointing_kwargs` after the config is built, while transformers 5's
+    Trainer turns checkpointing on from `activation_checkpointing_kwargs`. So SFT ran non-re-entrant throughout,
+    and DPO for its first step (TRL's re-enable after each reference pass reads the old name). Call before the
+    trainer's __init__."""
+    from peft import PeftModel
+
+    if (peft_config is not None or isinstance(model, PeftModel)) and zero_stage(args) == 3 \
+            and args.activation_checkpointing:
+        args.activation_checkpointing_kwargs = {**(args.activation_checkpointing_kwargs or {}), "use_reentrant": True}
+
+
 def check_compatibility(args, model_config) -> None:
     stage = zero_stage(args)
     if stage == 3 and args.device_map is not None:
@@ -122,17 +139,17 @@ def load_model(args, token: str | None = None, for_training: bool = True):
     if quant is not None and for_training and zero_stage(args) != 3:
         # Single-process / DDP QLoRA: PEFT's usual preparation (norms and embeddings upcast to fp32 for
         # stability). Not under ZeRO-3: PEFT's documented z3-QLoRA recipe loads with dtype equal to the quant
-        # storage dtype and leaves the rest to Trainer/TRL (TRL enables input grads and re-entrant checkpointing
-        # itself); the fp32 upcast would give ZeRO-3 mixed-dtype parameters and double their memory.
+        # storage dtype and leaves the rest to Trainer/TRL (TRL enables input grads; re-entrant checkpointing is
+        # reentrant_checkpointing_for_peft_zero3's); the fp32 upcast would give ZeRO-3 mixed-dtype parameters
+        # and double their memory.
         # https://huggingface.co/docs/peft/accelerate/deepspeed#use-peft-qlora-and-deepspeed-with-zero3-for-finetuning-large-models-on-multiple-gpus
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=args.gradient_checkpointing,
-            # PEFT + ZeRO-3 needs re-entrant checkpointing (TRL enforces it too); elsewhere non-re-entrant is faster.
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
-            or {"use_reentrant": zero_stage(args) == 3},
+            use_gradient_checkpointing=args.activation_checkpointing,
+            # PEFT's default is re-entrant; outside ZeRO-3 (this branch) non-re-entrant works and is faster
+            gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs or {"use_reentrant": False},
         )
     return model, lora_config(args, encoder_decoder)
 

@@ -197,9 +197,14 @@ def _sft_trainer_class():
     from trl import SFTTrainer
 
     from stepdpo.train.checkpoint import CompleteCheckpointsMixin
+    from stepdpo.train.modeling import reentrant_checkpointing_for_peft_zero3
 
     class StepSFTTrainer(CompleteCheckpointsMixin, SFTTrainer):
         """TRL's SFTTrainer with stepdpo's complete-before-rotate checkpoints."""
+
+        def __init__(self, model, args=None, *rest, peft_config=None, **kwargs):
+            reentrant_checkpointing_for_peft_zero3(args, model, peft_config)
+            super().__init__(model, args, *rest, peft_config=peft_config, **kwargs)
 
     return StepSFTTrainer
 

@@ -30,7 +30,7 @@ from stepdpo.errors import StepdpoError
 from stepdpo.train import losses, prefix_sharing
 from stepdpo.train.checkpoint import CompleteCheckpointsMixin
 from stepdpo.train.logps import sequence_logps
-from stepdpo.train.modeling import disable_dropout
+from stepdpo.train.modeling import disable_dropout, reentrant_checkpointing_for_peft_zero3
 from stepdpo.train.seq2seq import add_seq2seq_fused_head, is_encoder_decoder
 from stepdpo.train.tokenize import PairTokenizer, tokenize_texts
 
@@ -210,6 +210,7 @@ class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
                                                    max_length=None if self._encoder_decoder else args.max_length,
                                                    truncation_mode=args.truncation_mode,
                                                    pad_to_multiple_of=args.pad_to_multiple_of)
+        reentrant_checkpointing_for_peft_zero3(args, model, kwargs.get("peft_config"))
         super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)

@@ -161,13 +161,44 @@ def test_nonfinite_loss_on_one_rank_skips_the_update_on_all(mode, tiny_mistral, 
 
 
 def test_qlora_bf16_under_zero3_keeps_one_dtype(tiny_mistral, synth_pairs, tmp_path):
-    """The 7B recipe's settings (bf16 weights, bf16 compute, storage = dtype) under 2-process ZeRO-3 on CPU.
-    Frozen parameters stay bf16: no fp32 upcast of norms and embeddings (prepare_model_for_kbit_training),
-    which PEFT's ZeRO-3 QLoRA recipe leaves out."""
+    """The 7B recipe's settings (bf16 weights, bf16 compute, storage = dtype, gradient checkpointing) under
+    2-process ZeRO-3 on CPU. Frozen parameters stay bf16: no fp32 upcast of norms and embeddings
+    (prepare_model_for_kbit_training), which PEFT's ZeRO-3 QLoRA recipe leaves out. Checkpointing is re-entrant
+    from the first step (see test_the_7b_sft_recipe_checkpoints_reentrant_under_zero3)."""
     summary = launch("cpu-zero3", QLORA, tiny_mistral, synth_pairs / "train" / "pairs.jsonl", tmp_path,
-                     "--max_steps", 3, "--dtype", "bfloat16", "--bnb_4bit_compute_dtype", "bfloat16", "--bf16", "true")
+                     "--max_steps", 3, "--dtype", "bfloat16", "--bnb_4bit_compute_dtype", "bfloat16", "--bf16", "true",
+                     "--gradient_checkpointing", "true")
     got = losses(summary)
     assert len(got) == 3 and all(math.isfinite(x) for x in got)
-    info = json.loads((tmp_path / "partition_rank0.json").read_text())
-    assert info["dtypes"] == ["torch.bfloat16"], info["dtypes"]
+    for rank in (0, 1):
+        info = json.loads((tmp_path / f"partition_rank{rank}.json").read_text())
+        assert info["dtypes"] == ["torch.bfloat16"], info["dtypes"]
+        # before: ["False", "True"], the first step non-re-entrant, TRL's guard written where transformers 5
+        # no longer reads it
+        assert info["use_reentrant"] == ["True"], info["use_reentrant"]
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_the_7b_sft_recipe_checkpoints_reentrant_under_zero3(tiny_mistral, tmp_path):
+    """PEFT + ZeRO-3 + activation checkpointing, as the shipped Mistral-7B SFT recipe runs (shrunk by
+    overrides): every checkpointed call is re-entrant. Non-re-entrant crashes there on a DeepSpeed without
+    deepspeedai/DeepSpeed#8148; TRL forces re-entrant, but on a name transformers 5 no longer reads, so SFT
+    ran non-re-entrant throughout. One process is enough: the choice depends on the ZeRO stage, not the
+    number of ranks."""
+    from stepdpo.data.synthetic import SynthOptions, synth
+
+    data = tmp_path / "solutions.jsonl"
+    synth(SynthOptions(out=str(data), kind="problems", problems=16, seed=0, max_value=9))
+    out = tmp_path / "sft"
+    cmd = ["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu-zero3", "--procs", "1", "--stage", "sft",
+           "--config", str(REPO / "configs" / "recipes" / "mistral-7b" / "sft_qlora_zero3.yaml"),
+           "--main-port", str(free_port()), "--no-preflight", "--entry", "tests.integration.drivers.checkpoint_spy",
+           "--", "--model_name_or_path", str(tiny_mistral), "--train_data", str(data), "--output_dir", str(out),
+           "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+           "--use_cpu", "true", "--dtype", "float32", "--bf16", "false", "--bnb_4bit_compute_dtype", "float32",
+           "--save_strategy", "no", "--report_to", "none"]
+    res = subprocess.run(cmd, env=child_env(STEPDPO_SPY_STAGE="sft"), capture_output=True, text=True, timeout=900,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "checkpoint_calls_rank0.json").read_text()) == {"use_reentrant": ["True"]}

@@ -1,5 +1,6 @@
 """Test driver run by every rank under launch/train.sh --entry: trains with stepdpo, then records what
-the tests check from outside: how a weight is partitioned on this rank, and the trained model's
+the tests check from outside: how a weight is partitioned on this rank, how activation checkpointing was
+called, and the trained model's
 logits on a fixed probe input (every rank joins the forward, as ZeRO-3 needs; rank 0 writes them)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tests.integration.drivers import checkpoint_spy  # noqa: I001 (first: it wraps torch's checkpoint before transformers binds it)
 from stepdpo.train.run import parse_config, train
 from stepdpo.train.trainer import StepwiseDPOTrainer
 
@@ -35,6 +37,7 @@ class ProbeTrainer(StepwiseDPOTrainer):
                             shard_numel=p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None)
                 break
         info["dtypes"] = self.loaded_dtypes
+        info["use_reentrant"] = sorted(checkpoint_spy.SEEN)  # activation checkpointing's calls, if it was on
         policy = self.accelerator.unwrap_model(self.model)
         policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         info["prefix_sharing"] = self.prefix_sharing

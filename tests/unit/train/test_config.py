@@ -1,11 +1,16 @@
-"""StepwiseDPOConfig: TRL options a step mode would ignore fail at config time; ModelConfig names."""
+"""StepwiseDPOConfig: TRL options a step mode would ignore fail at config time; ModelConfig names; the
+checkpointing option under either of its names."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 
 from stepdpo.errors import OptionsError
+from stepdpo.plan import PlanOptions
 from stepdpo.train.config import StepwiseDPOConfig
+from stepdpo.train.sft import StepSFTConfig
 
 
 def cfg(**kw):
@@ -31,3 +36,29 @@ def test_model_config_names():
     assert c.use_peft is True and c.lora_target_modules == ["q_proj", "v_proj"] and c.dtype == "bfloat16"
     with pytest.raises(OptionsError, match="dtype='float8'"):
         cfg(dtype="float8")
+
+
+@pytest.mark.parametrize("cls", [StepwiseDPOConfig, StepSFTConfig])
+def test_checkpointing_takes_either_name_without_a_deprecation_warning(cls):
+    # transformers 5 warned on every run: TRL sets the old name (gradient_checkpointing) itself
+    def make(**kw):
+        return cls(output_dir="/tmp/unused", use_cpu=True, report_to="none", **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        default = make()
+        old = make(gradient_checkpointing=False, gradient_checkpointing_kwargs={"use_reentrant": True})
+        new = make(activation_checkpointing=False)
+        both = make(gradient_checkpointing=True, activation_checkpointing=False)  # transformers' rule: the new wins
+    assert (default.activation_checkpointing, default.gradient_checkpointing) == (True, True)  # TRL's default
+    assert (old.activation_checkpointing, old.gradient_checkpointing) == (False, False)
+    assert old.activation_checkpointing_kwargs == old.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    assert (new.activation_checkpointing, new.gradient_checkpointing) == (False, False)
+    assert (both.activation_checkpointing, both.gradient_checkpointing) == (False, False)
+
+
+def test_plan_reads_either_name_from_a_recipe():
+    plan = dict(model_name_or_path="mistralai/Mistral-7B-v0.1")
+    assert PlanOptions(**plan).gradient_checkpointing is True
+    assert PlanOptions(**plan, gradient_checkpointing=False).gradient_checkpointing is False
+    assert PlanOptions(**plan, activation_checkpointing=False).gradient_checkpointing is False

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from stepdpo.train.modeling import ModelConfigError, check_compatibility, quantization_config
+from stepdpo.train.modeling import (ModelConfigError, check_compatibility, quantization_config,
+                                    reentrant_checkpointing_for_peft_zero3)
 
 
 def args(stage=3, **kw):
@@ -39,3 +40,17 @@ def test_storage_follows_model_dtype_by_default():
 
     q = quantization_config(args(load_in_4bit=True))
     assert q.bnb_4bit_quant_storage == torch.bfloat16 and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+
+
+@pytest.mark.parametrize("stage, peft, on, kwargs, expected", [
+    (3, True, True, None, {"use_reentrant": True}),
+    (3, True, True, {"use_reentrant": False, "every_n_layers": 2}, {"use_reentrant": True, "every_n_layers": 2}),
+    (3, False, True, None, None),  # full fine-tuning: nothing frozen, transformers' default stands
+    (2, True, True, None, None),
+    (0, True, True, None, None),
+    (3, True, False, None, None),  # checkpointing off
+])
+def test_reentrant_checkpointing_only_for_peft_under_zero3(stage, peft, on, kwargs, expected):
+    a = args(stage, activation_checkpointing=on, activation_checkpointing_kwargs=kwargs)
+    reentrant_checkpointing_for_peft_zero3(a, object(), peft_config=object() if peft else None)
+    assert a.activation_checkpointing_kwargs == expected
