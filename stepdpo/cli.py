@@ -98,6 +98,7 @@ def parse(name: str, argv: list[str]):
     """Options for stage `name` from argv (YAML via --config, then flags): (options, function)."""
     parser, fn = make_parser(name)
     argv = _merge_repeated_lists(parser, argv)
+    _refuse_unknown(name, parser, argv)
     try:
         if STAGES[name].foreign_config:
             options = parser.parse_args_and_config(argv, fail_with_unknown_args=False)[0]
@@ -111,6 +112,47 @@ def parse(name: str, argv: list[str]):
             raise
         raise OptionsError(str(e)) from None
     return options, fn
+
+
+def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
+    """An option the stage does not have, on the command line or as a key of its --config file, stops before
+    anything is parsed, with the nearest real name. The parsers' own messages were addressed to developers
+    ("...not used by the HfArgumentParser", "...add them to the dataclass, or set `fail_with_unknown_args=False`")
+    and came after the options' own checks, so a misspelt flag could surface as a missing required option."""
+    from stepdpo.errors import OptionsError
+
+    flags = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    keys = sorted({action.dest for action in parser._actions} - {"help"})
+
+    def hint(word: str, names: list[str]) -> str:
+        close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    for token in argv:
+        if not token.startswith("--") or token == "--" or " " in token:  # argparse: a value, not an option
+            continue
+        flag = token.split("=", 1)[0]
+        # argparse also takes an unambiguous prefix (--problem for --problems); an ambiguous one it reports itself
+        if flag == "--config" or any(f.startswith(flag) for f in flags):
+            continue
+        raise OptionsError(f"unknown option {flag}{hint(flag, flags)}; `stepdpo {name} --help` lists every option")
+    if "--config" in argv and not STAGES[name].foreign_config:
+        path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
+        try:
+            import yaml
+
+            with open(path) as f:
+                config = yaml.safe_load(f)
+        except (OSError, TypeError, ValueError):  # missing or unreadable: reported by the parser, with its path
+            return
+        if isinstance(config, dict):
+            unknown = [k for k in config if k != "env" and k not in keys]  # `env:` sets variables (TrlParser)
+            if unknown:
+                k = str(unknown[0])
+                raise OptionsError(f"--config {path}: unknown key {k!r}{hint(k, keys)}"
+                                   + (f" (and {len(unknown) - 1} more: {', '.join(map(str, unknown[1:]))})"
+                                      if len(unknown) > 1 else "")
+                                   + f"; `stepdpo {name} --help` lists every option (keys are option names)")
 
 
 def _merge_repeated_lists(parser, argv: list[str]) -> list[str]:

@@ -39,6 +39,35 @@ def test_yaml_config_then_flags_override(tmp_path):
     assert snake == kebab
 
 
+def test_an_unknown_option_is_named_with_the_nearest_real_one(tmp_path):
+    # before: "Some specified arguments are not used by the HfArgumentParser: ['--train_file', 'x']", or, for
+    # train, a missing --train_pairs reported first
+    with pytest.raises(OptionsError) as e:
+        cli.parse("train", ["--model_name_or_path", "m", "--train_file", "x", "--output_dir", "o"])
+    assert str(e.value) == ("unknown option --train_file (did you mean --train_pairs?); `stepdpo train --help` lists "
+                            "every option")
+    with pytest.raises(OptionsError, match=r"^unknown option --inptu \(did you mean --input\?\)"):
+        cli.parse("prepare", ["--inptu=x", "--out", "o"])
+    # what argparse itself takes stays taken: an unambiguous prefix, a value with a space that starts with --
+    opts, _ = cli.parse("generate", ["--problem", "p", "--model", "m", "--out", "o", "--instruction", "-- a rule"])
+    assert opts.problems == "p" and opts.instruction == "-- a rule"
+
+
+def test_an_unknown_config_key_is_named_with_its_file(tmp_path):
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text("inptu: a.jsonl\nout: o\nsed: 3\nenv:\n  STEPDPO_UNUSED: '1'\n")
+    with pytest.raises(OptionsError) as e:
+        cli.parse("prepare", ["--config", str(cfg)])
+    # before: "...Please remove them, add them to the dataclass, or set `fail_with_unknown_args=False`."
+    assert str(e.value) == (f"--config {cfg}: unknown key 'inptu' (did you mean input?) (and 1 more: sed); "
+                            "`stepdpo prepare --help` lists every option (keys are option names)")
+    # plan and inspect read a training recipe: its other keys are not theirs to refuse
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name_or_path: mistralai/Mistral-7B-v0.1\nbeta: 0.1\nlearning_rate: 1.0e-6\n")
+    opts, _ = cli.parse("plan", ["--config", str(recipe)])
+    assert opts.model_name_or_path == "mistralai/Mistral-7B-v0.1"
+
+
 def test_a_repeated_list_flag_keeps_every_value():
     opts, _ = cli.parse("score", ["--pairs", "p", "--model", "m", "--out", "o", "--backend", "vllm",
                                   "--url", "http://a:1", "--url", "http://b:2"])
