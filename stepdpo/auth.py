@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from stepdpo.errors import StepdpoError
+from stepdpo.errors import OptionsError, StepdpoError
 
 # The hub must answer the preflight within this many seconds (connect + read), else it counts as unreachable.
 PREFLIGHT_TIMEOUT = float(os.environ.get("STEPDPO_PREFLIGHT_TIMEOUT", "20"))
@@ -311,13 +311,12 @@ def _unauthorized(repo_id: str, token: Token) -> str:
 
 def _recipe_fields(argv: list[str]) -> dict:
     """model/dataset/token-file settings from `--config R.yaml` and `--field value` overrides."""
-    import yaml
+    from stepdpo.options import read_config_file
 
     fields: dict = {}
     args = list(argv)
     if "--config" in args:
-        with open(args[args.index("--config") + 1], encoding="utf-8") as f:
-            fields.update(yaml.safe_load(f) or {})
+        fields.update(read_config_file(args[args.index("--config") + 1]) or {})
     for key in ("model_name_or_path", "model_revision", "hf_token_file", "hub_dataset"):
         flag = f"--{key}"
         if flag in args and args.index(flag) + 1 < len(args):
@@ -329,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     """Preflight for launch/train.sh: `python -m stepdpo.auth --config R.yaml [overrides]`."""
     import sys
 
-    fields = _recipe_fields(sys.argv[1:] if argv is None else argv)
+    try:
+        fields = _recipe_fields(sys.argv[1:] if argv is None else argv)
+    except OptionsError as e:  # a recipe that is not YAML: one line here, before any worker starts
+        print(f"stepdpo preflight: {e}", file=sys.stderr)
+        return 2
     model = fields.get("model_name_or_path")
     if not model:
         print("stepdpo preflight: no model_name_or_path in the recipe or the overrides", file=sys.stderr)

@@ -116,7 +116,7 @@ def parse(name: str, argv: list[str]):
 
 def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
     """An option the stage does not have, on the command line or as a key of its --config file, stops before
-    anything is parsed, with the nearest real name. The parsers' own messages were addressed to developers
+    anything is parsed, with the nearest real name; so does a --config file that is not YAML. The parsers' own messages were addressed to developers
     ("...not used by the HfArgumentParser", "...add them to the dataclass, or set `fail_with_unknown_args=False`")
     and came after the options' own checks, so a misspelt flag could surface as a missing required option."""
     from stepdpo.errors import OptionsError
@@ -136,16 +136,15 @@ def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
         if flag == "--config" or any(f.startswith(flag) for f in flags):
             continue
         raise OptionsError(f"unknown option {flag}{hint(flag, flags)}; `stepdpo {name} --help` lists every option")
-    if "--config" in argv and not STAGES[name].foreign_config:
+    if "--config" in argv:
+        from stepdpo.options import read_config_file
+
         path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
         try:
-            import yaml
-
-            with open(path) as f:
-                config = yaml.safe_load(f)
-        except (OSError, TypeError, ValueError):  # missing or unreadable: reported by the parser, with its path
+            config = read_config_file(path)
+        except (OSError, TypeError, UnicodeDecodeError):  # missing or unreadable: the parser reports it, with its path
             return
-        if isinstance(config, dict):
+        if isinstance(config, dict) and not STAGES[name].foreign_config:
             unknown = [k for k in config if k != "env" and k not in keys]  # `env:` sets variables (TrlParser)
             if unknown:
                 k = str(unknown[0])

@@ -45,3 +45,17 @@ def as_dict(options) -> dict:
         out[f.name] = [str(v) for v in value] if isinstance(value, (list, tuple)) else (
             value if value is None or isinstance(value, (bool, int, float, str)) else str(value))
     return out
+
+
+def read_config_file(path: str):
+    """A `--config` file's YAML, or OptionsError naming the file, the line and the column (yaml's own error was
+    a traceback). A missing file is the caller's OSError."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise OptionsError(f"--config {path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None

@@ -66,6 +66,12 @@ def test_an_unknown_config_key_is_named_with_its_file(tmp_path):
     recipe.write_text("model_name_or_path: mistralai/Mistral-7B-v0.1\nbeta: 0.1\nlearning_rate: 1.0e-6\n")
     opts, _ = cli.parse("plan", ["--config", str(recipe)])
     assert opts.model_name_or_path == "mistralai/Mistral-7B-v0.1"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("input: [a\nout: b\n")
+    for stage in ("prepare", "plan"):  # was yaml's traceback
+        with pytest.raises(OptionsError) as e:
+            cli.parse(stage, ["--config", str(broken)])
+        assert str(e.value) == f"--config {broken}: not valid YAML (line 2, column 4: expected ',' or ']', but got ':')"
 
 
 def test_a_repeated_list_flag_keeps_every_value():
