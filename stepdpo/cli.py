@@ -12,6 +12,7 @@ traceback instead. `main(argv)` is callable from tests without a subprocess.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import logging
@@ -73,6 +74,16 @@ def _load(stage: Stage):
     return options, fn
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """HfArgumentParser's formatter, except where an option's help already says what its default is ("default:
+    the run's"): there the appended "(default: None)" contradicted it."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(name: str):
     """The stage's parser, generated from its options dataclass (with `--config YAML`)."""
     from trl import TrlParser
@@ -80,7 +91,7 @@ def make_parser(name: str):
     stage = STAGES[name]
     options, fn = _load(stage)
     description = (fn.__doc__ or stage.help).strip().split("\n\n")[0]
-    parser = TrlParser((options,), prog=f"stepdpo {name}", description=description,
+    parser = TrlParser((options,), prog=f"stepdpo {name}", description=description, formatter_class=_HelpFormatter,
                        epilog="Every option can also come from --config FILE.yaml (keys = option names); "
                        "flags given on the command line override the file. --debug shows tracebacks.")
     return parser, fn

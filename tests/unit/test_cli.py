@@ -74,6 +74,16 @@ def test_an_unknown_config_key_is_named_with_its_file(tmp_path):
         assert str(e.value) == f"--config {broken}: not valid YAML (line 2, column 4: expected ',' or ']', but got ':')"
 
 
+def test_help_keeps_an_options_own_default_text():
+    text = " ".join(cli.make_parser("eval")[0].format_help().split())
+    # before: "... (default: the run's, else 0.1). (default: None)"
+    assert "Beta of the implicit reward margin (default: the run's, else 0.1). --" in text
+    assert "(default: None)" not in text.split("--beta BETA")[1].split("--")[0]
+    generate = " ".join(cli.make_parser("generate")[0].format_help().split())
+    assert "Model name the vLLM server knows (default: --model). --" in generate
+    assert "Sampling seed. (default: 0)" in generate  # argparse's own, where the help says nothing of it
+
+
 def test_a_repeated_list_flag_keeps_every_value():
     opts, _ = cli.parse("score", ["--pairs", "p", "--model", "m", "--out", "o", "--backend", "vllm",
                                   "--url", "http://a:1", "--url", "http://b:2"])
