@@ -127,9 +127,10 @@ def parse(name: str, argv: list[str]):
 
 def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
     """An option the stage does not have, on the command line or as a key of its --config file, stops before
-    anything is parsed, with the nearest real name; so does a --config file that is not YAML. The parsers' own messages were addressed to developers
-    ("...not used by the HfArgumentParser", "...add them to the dataclass, or set `fail_with_unknown_args=False`")
-    and came after the options' own checks, so a misspelt flag could surface as a missing required option."""
+    anything is parsed, with the nearest real name; so does a --config file that is not YAML. The parsers' own
+    messages were addressed to developers ("...not used by the HfArgumentParser", "...add them to the dataclass,
+    or set `fail_with_unknown_args=False`") and came after the options' own checks, so a misspelt flag could
+    surface as a missing required option."""
     from stepdpo.errors import OptionsError
 
     flags = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tests.integration.drivers import checkpoint_spy  # noqa: I001 (first: it wraps torch's checkpoint before transformers binds it)
+# first: it wraps torch's checkpoint before transformers binds it
+from tests.integration.drivers import checkpoint_spy  # noqa: I001
 from stepdpo.train.run import parse_config, train
 from stepdpo.train.trainer import StepwiseDPOTrainer
 
