@@ -46,3 +46,23 @@ submit() {  # submit NAME ENV... -- SBATCH_ARGS... ; echoes the job id (or a pla
     env "${envs[@]}" sbatch "$@"
   fi
 }
+
+check_options() {  # check_options SETUP STAGE ARGS... [--and STAGE ARGS...]: `stepdpo check` in the jobs' environment
+  # (SETUP: their --env shell code) before anything is submitted, so that a misspelt option or recipe key stops
+  # the submission, not a job hours later. Where this node cannot run stepdpo, a warning says the check was skipped.
+  local setup=$1; shift
+  local out status=0
+  out=$(eval "$setup" >/dev/null 2>&1 || exit 97
+        cmd=${STEPDPO:-stepdpo}
+        command -v "$cmd" >/dev/null 2>&1 || cmd=$REPO/.venv/bin/stepdpo
+        command -v "$cmd" >/dev/null 2>&1 || exit 98
+        "$cmd" check "$@" 2>&1 >/dev/null) || status=$?
+  case $status in
+    0) ;;
+    97) echo "$(basename "$0"): warning: the --env set-up failed on this node; options not checked before" \
+             "submitting" >&2;;
+    98) echo "$(basename "$0"): warning: no stepdpo on this node (set STEPDPO to its path); options not checked" \
+             "before submitting" >&2;;
+    *) die "nothing submitted: fix these options (the recipes' keys or the --*-args overrides)"$'\n'"$out";;
+  esac
+}

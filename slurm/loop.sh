@@ -27,6 +27,8 @@
 #           environment for serving; default the repo's .venv-vllm)
 # Other:    --cpu (a CPU-only cluster: no GPUs, cpu-ddp training, vLLM CPU; what the tests use),
 #           --dry-run (print the exact sbatch commands, submit nothing), -h|--help
+# Nothing is submitted unless every argument is valid. Every job's options (the recipes, --mine-config, the
+# --*-args) are checked with `stepdpo check` in the --env environment first (a warning if it cannot run here).
 set -euo pipefail
 usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 die() { echo "loop.sh: $*" >&2; exit 2; }
@@ -118,6 +120,16 @@ eval "RFT_ARGV=($RFT_ARGS)" 2>/dev/null || die "--rft-args: unbalanced quotes in
 ENV_SETUP=$(env_setup "$ENV_SPEC")
 VLLM_PY=""; [[ $VLLM_ENV_SPEC == venv:* ]] && VLLM_PY="${VLLM_ENV_SPEC#venv:}/bin/python"
 [[ -z $VLLM_ENV_SPEC || -n $VLLM_PY ]] || die "--vllm-env: use venv:PATH (the server runs that environment's python)"
+
+# every job's options as it will get them (the recipe or stage config, the loop's, then the --*-args overrides)
+CHECKS=(train --config "$RECIPE" --model_name_or_path policy --train_pairs pairs.jsonl "${TRAIN_ARGV[@]}"
+        --and mine --problems "$PROBLEMS" --model policy --out mine --backend "$MINE_BACKEND"
+        ${MINE_CONFIG:+--config "$MINE_CONFIG"} "${MINE_ARGV[@]}")
+[[ $SKIP_SFT == 1 ]] || CHECKS+=(--and sft --config "$SFT_RECIPE" --model_name_or_path "$MODEL" --train_data "$SFT_DATA"
+                                 "${SFT_ARGV[@]}")
+[[ $RFT == 0 ]] || CHECKS+=(--and sft --config "$SFT_RECIPE" --model_name_or_path policy --train_data solved.jsonl
+                            "${RFT_ARGV[@]}")
+check_options "$ENV_SETUP" "${CHECKS[@]}"
 
 mkdir -p "$RUN_DIR/logs"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)

@@ -27,6 +27,8 @@
 #             --vllm-env the same forms, for the reward server (default: the repo's .venv-vllm)
 # Other:      --cpu (a CPU-only cluster: no GPUs requested, cpu-ddp training, vLLM CPU; what the tests use)
 #             --dry-run (print the exact sbatch commands, submit nothing), -h|--help
+# Nothing is submitted unless every argument is valid. The train job's options (the recipe's keys, --train-args)
+# are checked with `stepdpo check` in the --env environment first (a warning if it cannot run on this node).
 set -euo pipefail
 usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 die() { echo "pipeline.sh: $*" >&2; exit 2; }
@@ -151,6 +153,9 @@ if [[ $STEP_LOSS == dpo ]]; then EVAL_DURING=(--eval_pairs "RUN_DIR_PLACEHOLDER/
 srun_args() { [[ $1 == container:* ]] && echo "--container-image=${1#container:} --container-mounts=$REPO:$REPO,$(cd "$(dirname "$RUN_DIR")" && pwd)"; true; }
 ENV_SETUP=$(env_setup "$ENV_SPEC")
 VLLM_SETUP=$(env_setup "$VLLM_ENV_SPEC")
+# the train job's options as it will get them: the recipe, then the pipeline's, then --train-args
+check_options "$ENV_SETUP" train --config "$RECIPE" --model_name_or_path "$MODEL" --train_pairs pairs.jsonl \
+  "${EVAL_DURING[@]}" "${TRAIN_ARGV[@]}"
 
 mkdir -p "$RUN_DIR"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)

@@ -316,7 +316,10 @@ def _recipe_fields(argv: list[str]) -> dict:
     fields: dict = {}
     args = list(argv)
     if "--config" in args:
-        fields.update(read_config_file(args[args.index("--config") + 1]) or {})
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise OptionsError("--config: give the recipe's path")
+        fields.update(read_config_file(args[i + 1]))
     for key in ("model_name_or_path", "model_revision", "hf_token_file", "hub_dataset"):
         flag = f"--{key}"
         if flag in args and args.index(flag) + 1 < len(args):
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         fields = _recipe_fields(sys.argv[1:] if argv is None else argv)
-    except OptionsError as e:  # a recipe that is not YAML: one line here, before any worker starts
+    except OptionsError as e:  # a recipe it cannot read: one line here, before any worker starts
         print(f"stepdpo preflight: {e}", file=sys.stderr)
         return 2
     model = fields.get("model_name_or_path")

@@ -17,6 +17,7 @@ import difflib
 import importlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -102,6 +103,8 @@ def _overview() -> str:
     lines = ["usage: stepdpo COMMAND [--config FILE.yaml] [--option value ...] [--debug]", "",
              "Step-level DPO for math reasoning. Commands (`stepdpo COMMAND --help` for each):"]
     lines += [f"  {name:{width}s}  {stage.help}" for name, stage in STAGES.items()]
+    lines += ["", f"  {'check':{width}s}  check a stage's options without running it "
+              "(`stepdpo check STAGE [options] [--and STAGE ...]`)"]
     return "\n".join(lines)
 
 
@@ -127,10 +130,10 @@ def parse(name: str, argv: list[str]):
 
 def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
     """An option the stage does not have, on the command line or as a key of its --config file, stops before
-    anything is parsed, with the nearest real name; so does a --config file that is not YAML. The parsers' own
-    messages were addressed to developers ("...not used by the HfArgumentParser", "...add them to the dataclass,
-    or set `fail_with_unknown_args=False`") and came after the options' own checks, so a misspelt flag could
-    surface as a missing required option."""
+    anything is parsed, with the nearest real name; so does a --config file that is missing, not YAML or not a
+    mapping. The parsers' own messages were addressed to developers ("...not used by the HfArgumentParser",
+    "...add them to the dataclass, or set `fail_with_unknown_args=False`") and came after the options' own checks,
+    so a misspelt flag could surface as a missing required option."""
     from stepdpo.errors import OptionsError
 
     flags = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
@@ -151,12 +154,12 @@ def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
     if "--config" in argv:
         from stepdpo.options import read_config_file
 
-        path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
-        try:
-            config = read_config_file(path)
-        except (OSError, TypeError, UnicodeDecodeError):  # missing or unreadable: the parser reports it, with its path
-            return
-        if isinstance(config, dict) and not STAGES[name].foreign_config:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise OptionsError("--config: give the YAML file's path")
+        config = read_config_file(argv[i + 1])
+        path = argv[i + 1]
+        if not STAGES[name].foreign_config:
             unknown = [k for k in config if k != "env" and k not in keys]  # `env:` sets variables (TrlParser)
             if unknown:
                 k = str(unknown[0])
@@ -164,6 +167,102 @@ def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
                                    + (f" (and {len(unknown) - 1} more: {', '.join(map(str, unknown[1:]))})"
                                       if len(unknown) > 1 else "")
                                    + f"; `stepdpo {name} --help` lists every option (keys are option names)")
+
+
+def check_options(name: str, argv: list[str]) -> None:
+    """What can be checked of stage `name`'s options without running it, on any machine: the option names (command
+    line and --config keys), the --config file's YAML, and every value argparse checks (type, choices, required
+    options), the file's values as if they were given as flags. What needs the job's own machine or inputs (a GPU
+    for bf16, a model or a file that an earlier job writes, the stage's own cross-field rules) is checked when the
+    stage starts. OptionsError names the first problem. Used by slurm/pipeline.sh and slurm/loop.sh before they
+    submit anything: a misspelt --train-args flag used to stop the chain only when the train job started, after
+    the jobs before it had run."""
+    import json
+
+    from stepdpo.errors import OptionsError
+    from stepdpo.options import read_config_file
+
+    parser, _ = make_parser(name)
+    argv = _merge_repeated_lists(parser, list(argv))
+    _refuse_unknown(name, parser, argv)
+    flags: list[str] = []
+    if "--config" in argv:
+        i = argv.index("--config")  # _refuse_unknown has read the file: it exists and is a YAML mapping
+        path = argv[i + 1]
+        del argv[i:i + 2]
+        config = read_config_file(path)
+        dests = {a.dest for a in parser._actions}
+        # a flag overrides the file's value (argparse's prefixes too): that value is never parsed
+        given = {t.split("=", 1)[0] for t in argv if t.startswith("--")}
+        overridden = {a.dest for a in parser._actions
+                      if any(f.startswith(g) for f in a.option_strings for g in given)}
+        for key, value in config.items():
+            # `env:` sets variables; a foreign config's other keys are ignored; null and [] are no value
+            if key == "env" or key not in dests or key in overridden or value is None or value == []:
+                continue
+            if isinstance(value, bool):
+                value = [str(value).lower()]
+            elif isinstance(value, dict):  # dict options (model_init_kwargs, ...) take JSON on the command line
+                value = [json.dumps(value)]
+            elif isinstance(value, list):
+                value = [str(v) for v in value]
+            else:
+                value = [str(value)]
+            flags += [f"--{key}", *value]
+
+    def fail(message: str):  # argparse would print its usage and exit
+        raise OptionsError(message)
+
+    parser.error = fail
+    if flags:  # the file's values on their own first, so that a bad one is reported as the file's
+        required = [a for a in parser._actions if a.required]
+        for a in required:
+            a.required = False
+        try:
+            parser.parse_known_args(flags)
+        except OptionsError as e:
+            message = re.sub(r"^argument --([\w-]+)[^:]*: ", r"key \1: ", str(e))
+            raise OptionsError(f"--config {path}: {message}") from None
+        finally:
+            for a in required:
+                a.required = True
+    _, extra = parser.parse_known_args(flags + argv)
+    if extra:
+        raise OptionsError(f"unexpected values {' '.join(extra)}; `stepdpo {name} --help` lists every option")
+
+
+def _check_main(argv: list[str]) -> int:
+    """`stepdpo check STAGE [options] [--and STAGE [options]]...`: check_options for each, one process (the training
+    stages' imports take seconds); every group reported, exit 2 if any failed."""
+    from stepdpo.errors import OptionsError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: stepdpo check STAGE [--config FILE.yaml] [--option value ...] [--and STAGE ...]\n\n"
+              "Checks a stage's options without running it: option names (flags and --config keys), the --config\n"
+              "file's YAML, and values' types, choices and required options. What needs the job's own machine or\n"
+              "inputs (a GPU, files earlier jobs write) is checked when the stage starts. slurm/pipeline.sh and\n"
+              "slurm/loop.sh run it before they submit anything.")
+        return 0 if argv else 2
+    groups: list[list[str]] = [[]]
+    for token in argv:
+        if token == "--and":
+            groups.append([])
+        else:
+            groups[-1].append(token)
+    failed = False
+    for group in groups:
+        if not group or group[0] not in STAGES:
+            what = repr(group[0]) if group else "nothing after --and"
+            print(f"stepdpo check: {what} is not a stage; `stepdpo --help` lists them", file=sys.stderr)
+            failed = True
+            continue
+        try:
+            check_options(group[0], group[1:])
+            print(f"stepdpo check: {group[0]}: options OK", flush=True)
+        except OptionsError as e:
+            print(f"stepdpo check: {group[0]}: {e}", file=sys.stderr)
+            failed = True
+    return 2 if failed else 0
 
 
 def _merge_repeated_lists(parser, argv: list[str]) -> list[str]:
@@ -215,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_overview())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    if name == "check":
+        _setup_logging()
+        return _check_main(rest)
     if name not in STAGES:
-        close = difflib.get_close_matches(name, STAGES, n=1)
+        close = difflib.get_close_matches(name, [*STAGES, "check"], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"stepdpo: unknown command {name!r}{hint}\n\n{_overview()}", file=sys.stderr)
         return 2

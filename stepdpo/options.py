@@ -47,15 +47,21 @@ def as_dict(options) -> dict:
     return out
 
 
-def read_config_file(path: str):
-    """A `--config` file's YAML, or OptionsError naming the file, the line and the column (yaml's own error was
-    a traceback). A missing file is the caller's OSError."""
+def read_config_file(path: str) -> dict:
+    """A `--config` file's mapping, or OptionsError naming the file and what is wrong: not readable, not YAML (the
+    line and the column), or not a mapping. Before, these were tracebacks (yaml's, open's, or a TypeError in the
+    preflight)."""
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        try:
-            return yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise OptionsError(f"--config {path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise OptionsError(f"--config {path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OptionsError(f"--config {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(config, dict):
+        raise OptionsError(f"--config {path}: not a YAML mapping of option names to values (`key: value` lines)")
+    return config

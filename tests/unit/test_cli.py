@@ -74,6 +74,56 @@ def test_an_unknown_config_key_is_named_with_its_file(tmp_path):
         assert str(e.value) == f"--config {broken}: not valid YAML (line 2, column 4: expected ',' or ']', but got ':')"
 
 
+def test_check_reports_what_argparse_would_without_running_the_stage(tmp_path):
+    # slurm/loop.sh and pipeline.sh run this before submitting: before, a misspelt --train-args flag or a recipe
+    # value that is not one of its choices stopped the chain when the train job started, hours in
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("locate: rolout\nsamples: 4\n")
+    job = ["--problems", "p.jsonl", "--model", "m", "--out", "o"]
+    with pytest.raises(OptionsError) as e:
+        cli.check_options("mine", ["--config", str(cfg), *job])
+    assert str(e.value) == f"--config {cfg}: key locate: invalid choice: 'rolout' (choose from 'rollout', 'prm')"
+    cli.check_options("mine", ["--config", str(cfg), *job, "--locate", "prm"])  # a flag overrides the file's value
+    cli.check_options("mine", ["--config", str(cfg), *job, "--loc", "prm"])  # also as argparse's prefix
+    cfg.write_text("samples: four\n")
+    with pytest.raises(OptionsError) as e:
+        cli.check_options("mine", ["--config", str(cfg), *job])
+    assert str(e.value) == f"--config {cfg}: key samples: invalid int value: 'four'"
+    with pytest.raises(OptionsError) as e:
+        cli.check_options("mine", [*job, "--rollouts", "4.5"])
+    assert str(e.value) == "argument --rollouts: invalid int value: '4.5'"
+    with pytest.raises(OptionsError) as e:
+        cli.check_options("mine", ["--model", "m"])
+    assert str(e.value) == "the following arguments are required: --problems, --out"
+    with pytest.raises(OptionsError) as e:
+        cli.check_options("mine", [*job, "--rolouts", "4"])
+    assert str(e.value) == "unknown option --rolouts (did you mean --rollouts?); `stepdpo mine --help` lists every option"
+    with pytest.raises(OptionsError) as e:
+        cli.check_options("mine", ["--config", str(tmp_path / "none.yaml"), *job])
+    assert str(e.value) == f"--config {tmp_path / 'none.yaml'}: No such file or directory"
+    # what needs the job's own inputs is left to the stage: the policy need not exist yet, and --locate prm's
+    # need of --reward-model is the stage's own rule
+    cli.check_options("mine", [*job, "--locate", "prm"])
+    with pytest.raises(OptionsError):
+        cli.parse("mine", [*job, "--locate", "prm"])
+
+
+def test_check_command_reports_every_group_and_exits_2_if_one_failed(tmp_path, capsys):
+    job = ["--problems", "p.jsonl", "--model", "m", "--out", "o"]
+    assert cli.main(["check", "mine", *job, "--and", "prepare", "--input", "x", "--out", "o"]) == 0
+    assert capsys.readouterr().out == "stepdpo check: mine: options OK\nstepdpo check: prepare: options OK\n"
+    assert cli.main(["check", "mine", *job, "--samples", "x", "--and", "prepare", "--inptu", "x", "--and",
+                     "preapre"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "stepdpo check: mine: argument --samples: invalid int value: 'x'",
+        "stepdpo check: prepare: unknown option --inptu (did you mean --input?); `stepdpo prepare --help` lists "
+        "every option",
+        "stepdpo check: 'preapre' is not a stage; `stepdpo --help` lists them"]
+    assert cli.main(["chek"]) == 2 and "did you mean 'check'" in capsys.readouterr().err
+
+
 def test_help_keeps_an_options_own_default_text():
     text = " ".join(cli.make_parser("eval")[0].format_help().split())
     # before: "... (default: the run's, else 0.1). (default: None)"
@@ -109,6 +159,19 @@ def test_unknown_yaml_key_is_one_line_exit_2(tmp_path, capsys):
     assert cli.main(["synth", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "problemz" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_config_file_it_cannot_use_names_the_flag(tmp_path, capsys):
+    # before: "stepdpo prepare: error: x.yaml: No such file or directory (check the path, its permissions and free
+    # space; ...)" without the flag, and TRL's "Config file x.yaml must contain a YAML mapping."
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- input: a.jsonl\n")
+    for path, problem in ((tmp_path / "none.yaml", "No such file or directory"), (tmp_path, "Is a directory"),
+                          (listed, "not a YAML mapping of option names to values (`key: value` lines)")):
+        assert cli.main(["prepare", "--config", str(path)]) == 2
+        assert capsys.readouterr().err == f"stepdpo prepare: error: --config {path}: {problem}\n"
+    assert cli.main(["prepare", "--config"]) == 2
+    assert capsys.readouterr().err == "stepdpo prepare: error: --config: give the YAML file's path\n"
 
 
 def test_unknown_command_suggests(capsys):

@@ -53,3 +53,35 @@ def test_loop_without_sft_or_rft_jobs_does_not_resolve_the_sft_recipe(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[0].split() == ["mine1=<mine1>", "train1=<train1>", "mine2=<mine2>", "train2=<train2>"]
     assert "No such file" not in res.stderr and res.stderr.count("sbatch --parsable") == 4
+
+
+def test_loop_and_pipeline_check_every_jobs_options_before_submitting(tmp_path):
+    # Before, a misspelt override or recipe key was found when its job started: --train-args after the SFT job
+    # and the first mining job had run (a day on the 7B recipes), --rft-args likewise.
+    (tmp_path / "p.jsonl").write_text("{}\n")
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text((REPO / "configs/recipes/mistral-7b/loop_dpo_qlora_zero3.yaml").read_text() + "bta: 0.2\n")
+    loop = ["bash", str(REPO / "slurm/loop.sh"), "--run-dir", str(tmp_path / "run"), "--model", "m", "--problems",
+            str(tmp_path / "p.jsonl"), "--sft-data", str(tmp_path / "p.jsonl"), "--rft-control", "--dry-run"]
+    res = subprocess.run(loop + ["--recipe", str(recipe), "--mine-args", "--samples 4 --rollout 2",
+                                 "--rft-args", "--max_stpes 3"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == [
+        "loop.sh: nothing submitted: fix these options (the recipes' keys or the --*-args overrides)",
+        f"stepdpo check: train: --config {recipe}: unknown key 'bta' (did you mean beta?); `stepdpo train --help` "
+        "lists every option (keys are option names)",
+        "stepdpo check: sft: unknown option --max_stpes (did you mean --max_steps?); `stepdpo sft --help` lists every "
+        "option"]  # --rollout is argparse's prefix of --rollouts: taken, as the job would take it
+    assert not (tmp_path / "run").exists()
+    res = subprocess.run(["bash", str(REPO / "slurm/pipeline.sh"), "--run-dir", str(tmp_path / "pipe"), "--input",
+                          str(tmp_path / "p.jsonl"), "--model", "m", "--reward-model", "r", "--recipe",
+                          str(REPO / "configs/recipes/mistral-7b/qlora_zero3.yaml"), "--train-args",
+                          "--lr_scheduler_type cosin", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "sbatch" not in res.stderr and not (tmp_path / "pipe").exists()
+    assert res.stderr.splitlines()[-1].startswith(
+        "stepdpo check: train: argument --lr_scheduler_type/--lr-scheduler-type: invalid choice: 'cosin' (choose from")
+    # a node where the jobs' environment cannot be set up: said, and the submission goes ahead
+    res = subprocess.run(loop + ["--env", "cmd:false"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines()[0] == ("loop.sh: warning: the --env set-up failed on this node; options not "
+                                          "checked before submitting")
