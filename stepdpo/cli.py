@@ -200,15 +200,15 @@ def check_options(name: str, argv: list[str]) -> None:
             # `env:` sets variables; a foreign config's other keys are ignored; null and [] are no value
             if key == "env" or key not in dests or key in overridden or value is None or value == []:
                 continue
+            if isinstance(value, list):
+                if not any(str(v).startswith("-") for v in value):  # such an item would be taken for an option
+                    flags += [f"--{key}", *map(str, value)]
+                continue
             if isinstance(value, bool):
-                value = [str(value).lower()]
+                value = str(value).lower()
             elif isinstance(value, dict):  # dict options (model_init_kwargs, ...) take JSON on the command line
-                value = [json.dumps(value)]
-            elif isinstance(value, list):
-                value = [str(v) for v in value]
-            else:
-                value = [str(value)]
-            flags += [f"--{key}", *value]
+                value = json.dumps(value)
+            flags.append(f"--{key}={value}")  # `=`: a value that starts with "-" is not taken for an option
 
     def fail(message: str):  # argparse would print its usage and exit
         raise OptionsError(message)

@@ -85,6 +85,8 @@ def test_check_reports_what_argparse_would_without_running_the_stage(tmp_path):
     assert str(e.value) == f"--config {cfg}: key locate: invalid choice: 'rolout' (choose from 'rollout', 'prm')"
     cli.check_options("mine", ["--config", str(cfg), *job, "--locate", "prm"])  # a flag overrides the file's value
     cli.check_options("mine", ["--config", str(cfg), *job, "--loc", "prm"])  # also as argparse's prefix
+    cfg.write_text("instruction: -terse\nstop: ['-stop', '\\n\\n']\n")  # values, not options
+    cli.check_options("generate", ["--config", str(cfg), *job])
     cfg.write_text("samples: four\n")
     with pytest.raises(OptionsError) as e:
         cli.check_options("mine", ["--config", str(cfg), *job])
