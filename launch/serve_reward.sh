@@ -4,7 +4,10 @@
 #   launch/serve_reward.sh MODEL [--method judge|prm] [--port P] [--host H] [--tp N] [--dtype D]
 #                          [--max-model-len L] [--cpu] [--step-tag T] [--good-token T] [--bad-token T]
 #                          [--prm-head lm|classifier]
-#                          [--api-key-file F] [--url-file F] [-- extra vLLM args]
+#                          [--api-key-file F] [--url-file F] [--check] [-- extra vLLM args]
+#
+# --check: check these arguments and exit without starting anything (slurm/pipeline.sh runs it on --serve-args
+#          before it submits the reward-server job; the PRM's tokens and the extra vLLM args are vLLM's to check).
 #
 # judge: a generative model; stepdpo sends prompts as token ids and reads prompt logprobs (echo).
 # prm:   a process reward model served with --runner pooling and STEP token pooling at the step tag,
@@ -25,7 +28,7 @@ usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # th
 case "$1" in -h|--help) usage; exit 0;; esac
 MODEL=$1; shift
 METHOD=judge; PORT=8100; HOST=127.0.0.1; TP=1; DTYPE=auto; MAXLEN=""; CPU=0
-STEP_TAG=" ки"; GOOD="+"; BAD="-"; HEAD=lm; API_KEY_FILE=""; URL_FILE=""; EXTRA=()
+STEP_TAG=" ки"; GOOD="+"; BAD="-"; HEAD=lm; API_KEY_FILE=""; URL_FILE=""; EXTRA=(); CHECK=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --method) METHOD=$2; shift 2;;
@@ -41,18 +44,26 @@ while [[ $# -gt 0 ]]; do
     --prm-head) HEAD=$2; shift 2;;
     --api-key-file) API_KEY_FILE=$2; shift 2;;
     --url-file) URL_FILE=$2; shift 2;;
+    --check) CHECK=1; shift;;
     --) shift; EXTRA=("$@"); break;;
     -h|--help) usage; exit 0;;
     *) echo "serve_reward.sh: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
 [[ $METHOD == judge || $METHOD == prm ]] || { echo "serve_reward.sh: --method must be judge or prm" >&2; exit 2; }
+[[ $HEAD == lm || $HEAD == classifier ]] || { echo "serve_reward.sh: --prm-head must be lm or classifier" >&2; exit 2; }
+[[ $TP =~ ^[1-9][0-9]*$ ]] || { echo "serve_reward.sh: --tp must be a positive integer, got '$TP'" >&2; exit 2; }
+[[ $PORT =~ ^[0-9]+$ && $PORT -ge 1 && $PORT -le 65535 ]] \
+  || { echo "serve_reward.sh: --port must be in 1..65535, got '$PORT'" >&2; exit 2; }
+[[ -z $MAXLEN || $MAXLEN =~ ^[1-9][0-9]*$ ]] \
+  || { echo "serve_reward.sh: --max-model-len must be a positive integer, got '$MAXLEN'" >&2; exit 2; }
 # A local path (absolute, ./, ../ or ~) that is not a directory would otherwise reach vLLM as a hub id and fail
 # after its 10-80 s start-up with a traceback about repo ids; a hub id (org/name) is passed on as it is.
 if [[ $MODEL == /* || $MODEL == ./* || $MODEL == ../* || $MODEL == "~"* ]] && [[ ! -d $MODEL ]]; then
   echo "serve_reward.sh: model directory $MODEL does not exist; give a saved model directory or a hub id (org/name)" >&2
   exit 2
 fi
+[[ $CHECK == 0 ]] || exit 0
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${VLLM_PYTHON:-}
@@ -77,7 +88,6 @@ else
 fi
 [[ -n $MAXLEN ]] && ARGS+=(--max-model-len "$MAXLEN")
 if [[ $METHOD == prm ]]; then
-  [[ $HEAD == lm || $HEAD == classifier ]] || { echo "serve_reward.sh: --prm-head must be lm or classifier" >&2; exit 2; }
   # The step-tag id and the good/bad vocabulary pieces, resolved by stepdpo's own code (the hf backend's), so
   # the server reads the same LM-head rows: e.g. math-shepherd's '▁+'/'▁-' (648/387) at '▁ки' (12902).
   TOKENS=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '

@@ -28,7 +28,8 @@
 # Other:      --cpu (a CPU-only cluster: no GPUs requested, cpu-ddp training, vLLM CPU; what the tests use)
 #             --dry-run (print the exact sbatch commands, submit nothing), -h|--help
 # Nothing is submitted unless every argument is valid. The train job's options (the recipe's keys, --train-args)
-# are checked with `stepdpo check` in the --env environment first (a warning if it cannot run on this node).
+# are checked with `stepdpo check` in the --env environment first (a warning if it cannot run on this node), and
+# --serve-args with launch/serve_reward.sh --check.
 set -euo pipefail
 usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 die() { echo "pipeline.sh: $*" >&2; exit 2; }
@@ -153,6 +154,12 @@ if [[ $STEP_LOSS == dpo ]]; then EVAL_DURING=(--eval_pairs "RUN_DIR_PLACEHOLDER/
 srun_args() { [[ $1 == container:* ]] && echo "--container-image=${1#container:} --container-mounts=$REPO:$REPO,$(cd "$(dirname "$RUN_DIR")" && pwd)"; true; }
 ENV_SETUP=$(env_setup "$ENV_SPEC")
 VLLM_SETUP=$(env_setup "$VLLM_ENV_SPEC")
+# the reward-server job's options, split into words as reward_server.sbatch splits them
+if [[ ${#REWARD_URLS[@]} -eq 0 ]]; then
+  # shellcheck disable=SC2086
+  bash "$REPO/launch/serve_reward.sh" "$RM" --method "$METHOD" $SERVE_ARGS --check \
+    || die "--serve-args '$SERVE_ARGS': see above; nothing submitted"
+fi
 # the train job's options as it will get them: the recipe, then the pipeline's, then --train-args
 check_options "$ENV_SETUP" train --config "$RECIPE" --model_name_or_path "$MODEL" --train_pairs pairs.jsonl \
   "${EVAL_DURING[@]}" "${TRAIN_ARGV[@]}"

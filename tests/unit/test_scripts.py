@@ -42,6 +42,20 @@ def test_serve_reward_names_a_missing_model_directory_at_once(tmp_path):
                           "or a hub id (org/name)\n")
 
 
+def test_serve_reward_check_starts_nothing_and_names_a_bad_argument(tmp_path):
+    serve = ["bash", str(REPO / "launch/serve_reward.sh"), "org/reward-model"]
+    # --check stops before anything starts: VLLM_PYTHON would fail at once if it were run
+    res = subprocess.run(serve + ["--method", "prm", "--tp", "8", "--check"], capture_output=True, text=True,
+                         timeout=30, env={"PATH": "/usr/bin:/bin", "VLLM_PYTHON": "/bin/false"})
+    assert res.returncode == 0 and res.stdout == res.stderr == ""
+    for args, message in ((["--tp", "eight"], "--tp must be a positive integer, got 'eight'"),
+                          (["--port", "70000"], "--port must be in 1..65535, got '70000'"),
+                          (["--max-model-len", "4k"], "--max-model-len must be a positive integer, got '4k'"),
+                          (["--prm-head", "cls"], "--prm-head must be lm or classifier")):
+        res = subprocess.run(serve + [*args, "--check"], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and res.stderr == f"serve_reward.sh: {message}\n", args
+
+
 def test_loop_without_sft_or_rft_jobs_does_not_resolve_the_sft_recipe(tmp_path):
     # --skip-sft without --rft-control submits no job that reads --sft-recipe, so it is never checked; resolving
     # its path anyway printed "cd: ...: No such file or directory" among the dry run's sbatch lines.
@@ -80,6 +94,17 @@ def test_loop_and_pipeline_check_every_jobs_options_before_submitting(tmp_path):
     assert res.returncode == 2 and "sbatch" not in res.stderr and not (tmp_path / "pipe").exists()
     assert res.stderr.splitlines()[-1].startswith(
         "stepdpo check: train: argument --lr_scheduler_type/--lr-scheduler-type: invalid choice: 'cosin' (choose from")
+    # --serve-args go to launch/serve_reward.sh in the reward-server job: before, a misspelt one failed that job,
+    # and the score job waited an hour (URL_TIMEOUT) for a URL before the chain failed
+    res = subprocess.run(["bash", str(REPO / "slurm/pipeline.sh"), "--run-dir", str(tmp_path / "pipe"), "--input",
+                          str(tmp_path / "p.jsonl"), "--model", "m", "--reward-model", "r", "--recipe",
+                          str(REPO / "configs/recipes/mistral-7b/qlora_zero3.yaml"), "--serve-args",
+                          "--dtype bfloat16 --max-model-length 4096", "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and not (tmp_path / "pipe").exists()
+    assert res.stderr.splitlines()[-2:] == [  # after the recipe's global-batch warning
+        "serve_reward.sh: unknown option --max-model-length (see --help)",
+        "pipeline.sh: --serve-args '--dtype bfloat16 --max-model-length 4096': see above; nothing submitted"]
     # a node where the jobs' environment cannot be set up: said, and the submission goes ahead
     res = subprocess.run(loop + ["--env", "cmd:false"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
