@@ -311,15 +311,13 @@ def _unauthorized(repo_id: str, token: Token) -> str:
 
 def _recipe_fields(argv: list[str]) -> dict:
     """model/dataset/token-file settings from `--config R.yaml` and `--field value` overrides."""
-    from stepdpo.options import read_config_file
+    from stepdpo.options import config_argument, read_config_file
 
     fields: dict = {}
     args = list(argv)
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise OptionsError("--config: give the recipe's path")
-        fields.update(read_config_file(args[i + 1]))
+    path = config_argument(args)
+    if path is not None:
+        fields.update(read_config_file(path))
     for key in ("model_name_or_path", "model_revision", "hf_token_file", "hub_dataset"):
         flag = f"--{key}"
         if flag in args and args.index(flag) + 1 < len(args):

@@ -128,13 +128,15 @@ def parse(name: str, argv: list[str]):
     return options, fn
 
 
-def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
+def _refuse_unknown(name: str, parser, argv: list[str]) -> dict | None:
     """An option the stage does not have, on the command line or as a key of its --config file, stops before
     anything is parsed, with the nearest real name; so does a --config file that is missing, not YAML or not a
     mapping. The parsers' own messages were addressed to developers ("...not used by the HfArgumentParser",
     "...add them to the dataclass, or set `fail_with_unknown_args=False`") and came after the options' own checks,
-    so a misspelt flag could surface as a missing required option."""
+    so a misspelt flag could surface as a missing required option. Returns the --config file's mapping (None
+    without one)."""
     from stepdpo.errors import OptionsError
+    from stepdpo.options import config_argument, read_config_file
 
     flags = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
     keys = sorted({action.dest for action in parser._actions} - {"help"})
@@ -151,22 +153,19 @@ def _refuse_unknown(name: str, parser, argv: list[str]) -> None:
         if flag == "--config" or any(f.startswith(flag) for f in flags):
             continue
         raise OptionsError(f"unknown option {flag}{hint(flag, flags)}; `stepdpo {name} --help` lists every option")
-    if "--config" in argv:
-        from stepdpo.options import read_config_file
-
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise OptionsError("--config: give the YAML file's path")
-        config = read_config_file(argv[i + 1])
-        path = argv[i + 1]
-        if not STAGES[name].foreign_config:
-            unknown = [k for k in config if k != "env" and k not in keys]  # `env:` sets variables (TrlParser)
-            if unknown:
-                k = str(unknown[0])
-                raise OptionsError(f"--config {path}: unknown key {k!r}{hint(k, keys)}"
-                                   + (f" (and {len(unknown) - 1} more: {', '.join(map(str, unknown[1:]))})"
-                                      if len(unknown) > 1 else "")
-                                   + f"; `stepdpo {name} --help` lists every option (keys are option names)")
+    path = config_argument(argv)
+    if path is None:
+        return None
+    config = read_config_file(path)
+    if not STAGES[name].foreign_config:
+        unknown = [k for k in config if k != "env" and k not in keys]  # `env:` sets variables (TrlParser)
+        if unknown:
+            k = str(unknown[0])
+            raise OptionsError(f"--config {path}: unknown key {k!r}{hint(k, keys)}"
+                               + (f" (and {len(unknown) - 1} more: {', '.join(map(str, unknown[1:]))})"
+                                  if len(unknown) > 1 else "")
+                               + f"; `stepdpo {name} --help` lists every option (keys are option names)")
+    return config
 
 
 def check_options(name: str, argv: list[str]) -> None:
@@ -180,17 +179,15 @@ def check_options(name: str, argv: list[str]) -> None:
     import json
 
     from stepdpo.errors import OptionsError
-    from stepdpo.options import read_config_file
 
     parser, _ = make_parser(name)
     argv = _merge_repeated_lists(parser, list(argv))
-    _refuse_unknown(name, parser, argv)
+    config = _refuse_unknown(name, parser, argv)  # read once, there: it exists and is a YAML mapping
     flags: list[str] = []
-    if "--config" in argv:
-        i = argv.index("--config")  # _refuse_unknown has read the file: it exists and is a YAML mapping
+    if config is not None:
+        i = argv.index("--config")
         path = argv[i + 1]
         del argv[i:i + 2]
-        config = read_config_file(path)
         dests = {a.dest for a in parser._actions}
         # a flag overrides the file's value (argparse's prefixes too): that value is never parsed
         given = {t.split("=", 1)[0] for t in argv if t.startswith("--")}

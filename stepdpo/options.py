@@ -47,6 +47,16 @@ def as_dict(options) -> dict:
     return out
 
 
+def config_argument(argv: list[str]) -> str | None:
+    """The path after `--config` in argv (None without one), or OptionsError when the path is missing."""
+    if "--config" not in argv:
+        return None
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise OptionsError("--config: give the YAML file's path")
+    return argv[i + 1]
+
+
 def read_config_file(path: str) -> dict:
     """A `--config` file's mapping, or OptionsError naming the file and what is wrong: not readable, not YAML (the
     line and the column), or not a mapping. Before, these were tracebacks (yaml's, open's, or a TypeError in the
