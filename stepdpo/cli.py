@@ -128,6 +128,43 @@ def parse(name: str, argv: list[str]):
     return options, fn
 
 
+# Names other trainers give options that stepdpo takes under TRL's and transformers' names (OpenRLHF, the Step-DPO
+# reference scripts, axolotl, LLaMA-Factory). A user's habit from another tool is the commonest wrong name, and
+# spelling similarity alone points elsewhere: --epochs looked nearest to --step_loss, --lora_rank to --local_rank.
+# A name is suggested only where the stage has it.
+_OTHER_TOOLS = {
+    "lr": ("learning_rate",), "epochs": ("num_train_epochs",), "num_epochs": ("num_train_epochs",),
+    "max_epochs": ("num_train_epochs",), "batch_size": ("per_device_train_batch_size", "batch_size"),
+    "train_batch_size": ("per_device_train_batch_size",), "micro_train_batch_size": ("per_device_train_batch_size",),
+    "micro_batch_size": ("per_device_train_batch_size",), "eval_batch_size": ("per_device_eval_batch_size",),
+    "micro_eval_batch_size": ("per_device_eval_batch_size",), "grad_accum": ("gradient_accumulation_steps",),
+    "gradient_accumulation": ("gradient_accumulation_steps",), "accumulation_steps": ("gradient_accumulation_steps",),
+    "lora_rank": ("lora_r",), "rank": ("lora_r",), "target_modules": ("lora_target_modules",),
+    "pretrain": ("model_name_or_path", "model"), "model_path": ("model_name_or_path", "model"),
+    "base_model": ("model_name_or_path", "model"), "model_name_or_path": ("model",), "model": ("model_name_or_path",),
+    "save_path": ("output_dir", "out"), "out_dir": ("output_dir", "out"), "output_path": ("output_dir", "out"),
+    "output_dir": ("out",), "output": ("output_dir", "out"), "max_len": ("max_length",), "cutoff_len": ("max_length",),
+    "max_seq_length": ("max_length",), "warmup": ("warmup_steps",), "l2": ("weight_decay",),
+    "flash_attn": ("attn_implementation",), "train_file": ("train_pairs", "train_data"),
+    "dataset": ("train_pairs", "train_data", "pairs", "input"), "eval_file": ("eval_pairs", "eval_data"),
+}
+
+
+def _or(names: list[str], word: str = "or") -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
+
+
+def _did_you_mean(word: str, names: list[str], prefix: str = "") -> str:
+    """' (did you mean --x?)' for a wrong option name (given without its dashes): the name other tools use for it
+    (_OTHER_TOOLS) if the stage has that option, else the nearest spellings (up to three, as close as the best)."""
+    key = word.replace("-", "_")
+    close = [n for n in _OTHER_TOOLS.get(key, ()) if n in names][:1]
+    if not close:
+        scored = sorted(((difflib.SequenceMatcher(None, key, n).ratio(), n) for n in names), reverse=True)
+        close = [n for r, n in scored[:3] if r >= 0.6 and r >= scored[0][0] - 0.05]
+    return f" (did you mean {_or([prefix + n for n in close])}?)" if close else ""
+
+
 def _refuse_unknown(name: str, parser, argv: list[str]) -> dict | None:
     """An option the stage does not have, on the command line or as a key of its --config file, stops before
     anything is parsed, with the nearest real name; so does a --config file that is missing, not YAML or not a
@@ -138,21 +175,26 @@ def _refuse_unknown(name: str, parser, argv: list[str]) -> dict | None:
     from stepdpo.errors import OptionsError
     from stepdpo.options import config_argument, read_config_file
 
-    flags = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    dest_of = {s: action.dest for action in parser._actions for s in action.option_strings if s.startswith("--")}
     keys = sorted({action.dest for action in parser._actions} - {"help"})
-
-    def hint(word: str, names: list[str]) -> str:
-        close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
-        return f" (did you mean {close[0]}?)" if close else ""
 
     for token in argv:
         if not token.startswith("--") or token == "--" or " " in token:  # argparse: a value, not an option
             continue
         flag = token.split("=", 1)[0]
-        # argparse also takes an unambiguous prefix (--problem for --problems); an ambiguous one it reports itself
-        if flag == "--config" or any(f.startswith(flag) for f in flags):
+        if flag == "--config" or flag in dest_of:
             continue
-        raise OptionsError(f"unknown option {flag}{hint(flag, flags)}; `stepdpo {name} --help` lists every option")
+        # argparse also takes an unambiguous prefix (--problem for --problems). An ambiguous one is reported here,
+        # with the options it could be and the likely intent: argparse's own message for --lr lists only the
+        # --lr_scheduler_* options (each twice, kebab and snake), never --learning_rate.
+        starts = sorted({dest_of[f] for f in dest_of if f.startswith(flag)})
+        if len(starts) == 1:
+            continue
+        if starts:
+            raise OptionsError(f"ambiguous option {flag}: it is the start of {_or(['--' + d for d in starts], 'and')}"
+                               f"{_did_you_mean(flag[2:], keys, '--')}; give the whole name")
+        raise OptionsError(f"unknown option {flag}{_did_you_mean(flag[2:], keys, '--')}; "
+                           f"`stepdpo {name} --help` lists every option")
     path = config_argument(argv)
     if path is None:
         return None
@@ -161,7 +203,7 @@ def _refuse_unknown(name: str, parser, argv: list[str]) -> dict | None:
         unknown = [k for k in config if k != "env" and k not in keys]  # `env:` sets variables (TrlParser)
         if unknown:
             k = str(unknown[0])
-            raise OptionsError(f"--config {path}: unknown key {k!r}{hint(k, keys)}"
+            raise OptionsError(f"--config {path}: unknown key {k!r}{_did_you_mean(k, keys)}"
                                + (f" (and {len(unknown) - 1} more: {', '.join(map(str, unknown[1:]))})"
                                   if len(unknown) > 1 else "")
                                + f"; `stepdpo {name} --help` lists every option (keys are option names)")

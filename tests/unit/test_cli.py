@@ -53,6 +53,30 @@ def test_an_unknown_option_is_named_with_the_nearest_real_one(tmp_path):
     assert opts.problems == "p" and opts.instruction == "-- a rule"
 
 
+def test_a_name_from_another_trainer_points_at_ours():
+    # before: --epochs suggested --step_loss, --lora_rank --local_rank, --batch_size --auto_find_batch_size, and --lr
+    # got argparse's "could match --lr_scheduler_type, --lr-scheduler-type, ..." with no word of --learning_rate
+    def message(stage, flag):
+        with pytest.raises(OptionsError) as e:
+            cli.check_options(stage, [flag, "1"])
+        return str(e.value)
+
+    tail = "; `stepdpo train --help` lists every option"
+    assert message("train", "--epochs") == "unknown option --epochs (did you mean --num_train_epochs?)" + tail
+    assert message("train", "--lora_rank") == "unknown option --lora_rank (did you mean --lora_r?)" + tail
+    assert message("train", "--micro-train-batch-size") == (
+        "unknown option --micro-train-batch-size (did you mean --per_device_train_batch_size?)" + tail)
+    assert message("train", "--lr") == ("ambiguous option --lr: it is the start of --lr_scheduler_kwargs and "
+                                        "--lr_scheduler_type (did you mean --learning_rate?); give the whole name")
+    # a name is offered only where the stage has it: mine takes --out, and no learning rate
+    assert message("mine", "--output_dir") == ("unknown option --output_dir (did you mean --out?); `stepdpo mine "
+                                               "--help` lists every option")
+    assert message("mine", "--lr") == "unknown option --lr; `stepdpo mine --help` lists every option"
+    # spelling: every name as near as the nearest, up to three
+    assert message("train", "--lora_alpah") == "unknown option --lora_alpah (did you mean --lora_alpha?)" + tail
+    assert cli._did_you_mean("sample", ["samples", "sampler", "seed"]) == " (did you mean samples or sampler?)"
+
+
 def test_an_unknown_config_key_is_named_with_its_file(tmp_path):
     cfg = tmp_path / "prepare.yaml"
     cfg.write_text("inptu: a.jsonl\nout: o\nsed: 3\nenv:\n  STEPDPO_UNUSED: '1'\n")
