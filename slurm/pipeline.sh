@@ -169,6 +169,9 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 EVAL_DURING=("${EVAL_DURING[@]/RUN_DIR_PLACEHOLDER/$RUN_DIR}")
 mkdir -p "$RUN_DIR/logs"
 rm -f "$RUN_DIR/score_job_id"
+# A URL left by an earlier run's server would send this run's score job to a server that is gone, before its
+# own has started. (reward_server.sbatch also clears them, but only once it runs, which may be after scoring starts.)
+[[ $DRY == 1 ]] || rm -rf "$RUN_DIR/reward_urls"
 
 common_args
 

@@ -212,6 +212,31 @@ def test_failing_stage_cancels_its_dependents(cluster, tiny_mistral, tmp_path):
     assert wait_state(cluster, ids["reward_server"], timeout=120) in {"COMPLETED", "CANCELLED"}
 
 
+def test_a_reward_server_that_fails_fails_scoring_at_once(cluster, tiny_mistral, tmp_path):
+    """Before: the score job waited URL_TIMEOUT (an hour) for a URL the failed server would never write, or took the
+    URL an earlier run's server had left in the run directory; and the failed server's job said COMPLETED."""
+    from stepdpo.data.synthetic import SynthConfig, write_synthetic
+
+    write_synthetic(tmp_path / "prm.jsonl", SynthConfig(problems=20, seed=4, max_value=9))
+    stale = tmp_path / "run" / "reward_urls"
+    stale.mkdir(parents=True)
+    (stale / "0").write_text("http://127.0.0.1:9\n")  # an earlier run's server, long gone
+    # the vLLM environment fails to set up, as a `module load` that is not there would
+    res = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "run"), "--input",
+                          str(tmp_path / "prm.jsonl"), "--model", str(tiny_mistral), "--reward-model",
+                          str(tiny_mistral), "--recipe", str(RECIPE), "--cpu", "--vllm-env", "cmd:exit 3"],
+                         env=dict(cluster, URL_TIMEOUT="300"), capture_output=True, text=True, check=True)
+    ids = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
+    assert wait_state(cluster, ids["reward_server"], timeout=120) == "FAILED"
+    assert wait_state(cluster, ids["score"], timeout=400) == "FAILED"
+    logs = tmp_path / "run" / "logs"
+    log = (logs / f"score-{ids['score']}.out").read_text()
+    assert (f"[stage] the reward server (job {ids['reward_server']}) ended before any replica wrote its URL to "
+            f"{tmp_path / 'run' / 'reward_urls'}: FAILED; its log: {logs / ('reward-' + ids['reward_server'] + '.out')}"
+            ) in log, log[-2000:]
+    assert wait_state(cluster, ids["train"], timeout=60) == "CANCELLED"
+
+
 def test_pipeline_validates_and_dry_runs(cluster, tiny_mistral, tmp_path):
     base = ["bash", str(REPO / "slurm" / "pipeline.sh"), "--run-dir", str(tmp_path / "r"), "--model", "m",
             "--reward-model", "r", "--recipe", str(RECIPE)]
