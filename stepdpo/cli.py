@@ -134,7 +134,7 @@ def parse(name: str, argv: list[str]):
 # A name is suggested only where the stage has it.
 _OTHER_TOOLS = {
     "lr": ("learning_rate",), "epochs": ("num_train_epochs",), "num_epochs": ("num_train_epochs",),
-    "max_epochs": ("num_train_epochs",), "batch_size": ("per_device_train_batch_size", "batch_size"),
+    "max_epochs": ("num_train_epochs",), "batch_size": ("per_device_train_batch_size",),
     "train_batch_size": ("per_device_train_batch_size",), "micro_train_batch_size": ("per_device_train_batch_size",),
     "micro_batch_size": ("per_device_train_batch_size",), "eval_batch_size": ("per_device_eval_batch_size",),
     "micro_eval_batch_size": ("per_device_eval_batch_size",), "grad_accum": ("gradient_accumulation_steps",),
@@ -159,7 +159,7 @@ def _did_you_mean(word: str, names: list[str], prefix: str = "") -> str:
     (_OTHER_TOOLS) if the stage has that option, else the nearest spellings (up to three, as close as the best)."""
     key = word.replace("-", "_")
     close = [n for n in _OTHER_TOOLS.get(key, ()) if n in names][:1]
-    if not close:
+    if not close and names:
         scored = sorted(((difflib.SequenceMatcher(None, key, n).ratio(), n) for n in names), reverse=True)
         close = [n for r, n in scored[:3] if r >= 0.6 and r >= scored[0][0] - 0.05]
     return f" (did you mean {_or([prefix + n for n in close])}?)" if close else ""
