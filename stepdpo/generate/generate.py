@@ -46,6 +46,9 @@ class PolicyOptions:
     backend: str = opt("hf", "hf: transformers generate in this process; vllm: batched /v1/completions requests to "
                        "the servers at --url.", choices=("hf", "vllm"))
     top_p: float = opt(1.0, "Nucleus sampling.")
+    top_k: int = opt(0, "Sample from the K most likely tokens only; 0: the whole vocabulary (vLLM's default). Both "
+                     "backends get it: left unset, transformers would fill in its own default of 50 and the two "
+                     "backends would sample from different distributions.")
     seed: int = opt(0, "Sampling seed.")
     limit: int | None = opt(None, "Only the first N problems.")
     url: list[str] = opt(factory=list, help="vLLM server URL(s) serving the policy.")
@@ -67,6 +70,7 @@ class PolicyOptions:
     def _check_policy(self):
         check_choice(self.backend, "backend", ("hf", "vllm"))
         check(self.backend != "vllm" or bool(self.url), "url", "--backend vllm needs at least one --url")
+        check(self.top_k >= 0, "top_k", "must be >= 0 (0: the whole vocabulary)")
         check(self.reconnect_timeout >= 0, "reconnect_timeout", "must be >= 0 seconds (0: stop at once when the "
               "servers go away)")
 
@@ -162,7 +166,8 @@ class HFGenerator:
         kwargs = dict(max_new_tokens=s["max_new_tokens"], pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
         if s["temperature"] > 0:
             torch.manual_seed(batch_seed(batch, s["seed"]))
-            kwargs.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"])
+            # top_k always explicit: None would be replaced by GenerationConfig's default of 50 (0 turns it off)
+            kwargs.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if s["stop"]:
@@ -219,8 +224,8 @@ class VLLMGenerator:
             seed = batch_seed(batch, s["seed"])
             for n, prompts in sorted(by_n.items()):
                 rows = self.client.complete(url, [list(ids) for ids in prompts], n=n, max_tokens=s["max_new_tokens"],
-                                            temperature=s["temperature"], top_p=s["top_p"], seed=seed,
-                                            stop=s["stop"] or None)
+                                            temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
+                                            seed=seed, stop=s["stop"] or None)
                 for ids, samples in zip(prompts, rows):
                     for i, r in zip(copies[ids], samples):
                         tokens = r["token_ids"]
@@ -328,7 +333,8 @@ def generate(options: GenerateOptions, model=None) -> dict:
     problems, rejects = read_problems(options.problems)
     if options.limit:
         problems = problems[: options.limit]
-    settings = {k: getattr(options, k) for k in ("temperature", "top_p", "seed", "max_new_tokens", "stop")}
+    settings = {k: getattr(options, k) for k in ("temperature", "top_p", "top_k", "seed", "max_new_tokens",
+                                                  "stop")}
     tokenizer, style, identity, generator = open_policy(options, settings, model)
     units = make_units(problems, tokenizer, style, options.n, identity)
     out = Path(options.out)

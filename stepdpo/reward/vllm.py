@@ -396,12 +396,15 @@ class VLLMClient:
             raise MalformedResponse(f"{url}/v1/completions: unexpected answer shape ({type(e).__name__}: {e})") from None
 
     def complete(self, url: str, prompts: list[list[int]], *, n: int = 1, max_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: list[str] | None = None) -> list[list[dict]]:
         """Generation: for each token-id prompt, `n` samples {text, token_ids, finish_reason}. vLLM numbers the
         choices prompt by prompt (index = prompt * n + sample)."""
         payload = {"model": self.model, "prompt": prompts, "n": n, "max_tokens": max_tokens,
-                   "temperature": temperature, "top_p": top_p, "return_token_ids": True}
+                   "temperature": temperature, "top_p": top_p, "return_token_ids": True,
+                   # always sent: a server started with --generation-config auto (vLLM's default) otherwise takes
+                   # the model's generation_config.json values; 0 is the whole vocabulary
+                   "top_k": top_k}
         if seed is not None:
             payload["seed"] = seed
         if stop:

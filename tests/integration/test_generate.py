@@ -42,6 +42,34 @@ def test_greedy_hf_generation_is_the_models_argmax(tiny_mistral, problems, tmp_p
     assert row["finish_reason"] in ("stop", "length") and isinstance(row["steps"], list)
 
 
+def test_sampling_draws_from_the_whole_vocabulary_unless_top_k_says_otherwise(tiny_mistral, problems, tmp_path):
+    """--top_k reaches transformers on the hf backend, and 0 means the whole vocabulary, as on vLLM. Left unset,
+    transformers used its default of 50, so the two backends sampled from different distributions: on a random
+    model no sampled token then ranked past 50th."""
+    tok = AutoTokenizer.from_pretrained(tiny_mistral)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral).eval()
+    prompts = {json.loads(x)["id"]: json.loads(x)["problem"] for x in problems.read_text().splitlines()}
+
+    def ranks(top_k):
+        out = tmp_path / f"k{top_k}"
+        generate(GenerateOptions(problems=str(problems), model=str(tiny_mistral), out=str(out), limit=4, n=2,
+                                 temperature=1.0, top_k=top_k, max_new_tokens=6, batch_size=1, progress=False))
+        found = []
+        for row in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
+            ids = tok(render_prompt(prompts[row["problem_id"]], [])).input_ids
+            for t in row["token_ids"]:  # how many tokens the model ranks above the sampled one
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids])).logits[0, -1]
+                found.append(int((logits > logits[t]).sum()))
+                ids.append(t)
+        return found
+
+    whole, top3 = ranks(0), ranks(3)
+    assert len(whole) >= 8 and len(top3) >= 8
+    assert max(top3) < 3
+    assert sum(r >= 50 for r in whole) > len(whole) // 2, whole  # a random model: most tokens rank past 50
+
+
 def test_generation_resumes_from_its_cache(tiny_mistral, problems, tmp_path):
     opts = dict(problems=str(problems), model=str(tiny_mistral), out=str(tmp_path), max_new_tokens=6, n=2,
                 temperature=0.8, batch_size=4, progress=False)

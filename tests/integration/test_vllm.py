@@ -153,7 +153,8 @@ def test_prm_rewards_follow_math_shepherds_definition(servers, hand_pairs, tiny_
 
 def test_greedy_generation_is_token_identical_on_both_backends(servers, tiny_mistral_v1, tmp_path):
     """`stepdpo generate` through the scoring client against the judge server (a generative model): greedy
-    samples equal the in-process ones token for token, on Mistral-7B's real tokenizer."""
+    samples, and samples at temperature 1 with --top_k 1, equal the in-process ones token for token, on
+    Mistral-7B's real tokenizer."""
     from stepdpo.data.synthetic import SynthOptions, synth
     from stepdpo.generate.generate import GenerateOptions, generate
 
@@ -169,6 +170,12 @@ def test_greedy_generation_is_token_identical_on_both_backends(servers, tiny_mis
         assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) > 0, (a["id"], a["text"], b["text"])
         assert a["finish_reason"] == b["finish_reason"]
     assert report["backend"] == "vllm" and report["generated"] == 10
+    # --top_k reaches the server: at temperature 1, the one most likely token is the greedy one (without it,
+    # vLLM sampled the whole 32,000-piece vocabulary of this random model)
+    generate(GenerateOptions(out=str(tmp_path / "top1"), backend="vllm", url=[servers["judge"].url], temperature=1.0,
+                             top_k=1, **common))
+    top1 = [json.loads(x) for x in (tmp_path / "top1" / "samples.jsonl").read_text().splitlines()]
+    assert [r["token_ids"] for r in top1] == [r["token_ids"] for r in hf]
 
 
 def test_seeded_sampling_survives_prompts_split_across_steps(servers):
