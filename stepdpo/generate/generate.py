@@ -67,6 +67,13 @@ class PolicyOptions:
     hf_token_file: str | None = opt(None, "File holding a Hugging Face token.")
     progress: bool = opt(True, "Show progress bars.")
 
+    def sampling_settings(self, stop: list[str] | tuple[str, ...] = ()) -> dict:
+        """What both backends sample with (temperature and max_new_tokens are each stage's own fields). It is also
+        part of every cache key, and so of the sampling seeds: a setting added here keys the samples it changes,
+        and the order of the keys must stay as it is, or every cached sample would be drawn again."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "max_new_tokens": self.max_new_tokens, "stop": list(stop)}
+
     def _check_policy(self):
         check_choice(self.backend, "backend", ("hf", "vllm"))
         check(self.backend != "vllm" or bool(self.url), "url", "--backend vllm needs at least one --url")
@@ -333,8 +340,7 @@ def generate(options: GenerateOptions, model=None) -> dict:
     problems, rejects = read_problems(options.problems)
     if options.limit:
         problems = problems[: options.limit]
-    settings = {k: getattr(options, k) for k in ("temperature", "top_p", "top_k", "seed", "max_new_tokens",
-                                                  "stop")}
+    settings = options.sampling_settings(options.stop)
     tokenizer, style, identity, generator = open_policy(options, settings, model)
     units = make_units(problems, tokenizer, style, options.n, identity)
     out = Path(options.out)

@@ -81,8 +81,7 @@ class _Sampler:
     """Draws samples through one generator and one cache; counts the generations spent."""
 
     def __init__(self, options: MineOptions, model=None):
-        self.settings = {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k,
-                         "seed": options.seed, "max_new_tokens": options.max_new_tokens, "stop": []}
+        self.settings = options.sampling_settings()
         self.tokenizer, self.style, self.identity, self.generator = open_policy(options, self.settings, model)
         self.cache = SampleCache(Path(options.out) / "mine_cache.jsonl")
         self.batch_size, self.progress = options.batch_size, options.progress
