@@ -23,7 +23,8 @@
 # Environment: VLLM_PYTHON (default: .venv-vllm/bin/python if present, else python), HEALTH_TIMEOUT (s, 600).
 set -euo pipefail
 
-usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
+# shellcheck source=launch/options.sh
+source "$(dirname "$0")/options.sh"  # usage, unknown_option
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0;; esac
 MODEL=$1; shift
@@ -47,7 +48,7 @@ while [[ $# -gt 0 ]]; do
     --check) CHECK=1; shift;;
     --) shift; EXTRA=("$@"); break;;
     -h|--help) usage; exit 0;;
-    *) echo "serve_reward.sh: unknown option $1 (see --help)" >&2; exit 2;;
+    *) unknown_option serve_reward.sh "$1";;
   esac
 done
 [[ $METHOD == judge || $METHOD == prm ]] || { echo "serve_reward.sh: --method must be judge or prm" >&2; exit 2; }

@@ -23,7 +23,8 @@
 #   launch/train.sh --mode zero3 --config configs/recipes/mistral-7b/qlora_zero3.yaml --gpus-per-node 8
 #   launch/train.sh --mode zero3 --config R.yaml --nodes 2 --machine-rank 1 --main-address node001
 set -euo pipefail
-usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
+# shellcheck source=launch/options.sh
+source "$(dirname "$0")/options.sh"  # usage, unknown_option
 
 MODE=""; CONFIG=""; NODES=${NUM_NODES:-${SLURM_NNODES:-1}}; GPUS=${GPUS_PER_NODE:-}; PROCS=2
 RANK=${MACHINE_RANK:-${SLURM_NODEID:-0}}; ADDR=${MAIN_ADDRESS:-127.0.0.1}; PORT=${MAIN_PORT:-29500}
@@ -46,7 +47,7 @@ while [[ $# -gt 0 ]]; do
     --dry-run) DRY=1; shift;;
     -h|--help) usage; exit 0;;
     --) shift; EXTRA=("$@"); break;;
-    *) echo "train.sh: unknown option $1 (see --help)" >&2; exit 2;;
+    *) unknown_option train.sh "$1";;
   esac
 done
 [[ -n $MODE ]] || { echo "train.sh: --mode is required (see --help)" >&2; exit 2; }

@@ -8,7 +8,8 @@
 #
 # Needs root and the Debian packages slurm-wlm and munge (launch/setup.sh --slurm installs them).
 set -euo pipefail
-usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
+# shellcheck source=launch/options.sh
+source "$(dirname "$0")/../launch/options.sh"  # usage
 [[ $# -eq 2 ]] || { usage >&2; exit 2; }
 CMD=$1; DIR=$(mkdir -p "$2" && cd "$2" && pwd)
 CONF=$DIR/slurm.conf

@@ -30,12 +30,13 @@
 # Nothing is submitted unless every argument is valid. Every job's options (the recipes, --mine-config, the
 # --*-args) are checked with `stepdpo check` in the --env environment first (a warning if it cannot run here).
 set -euo pipefail
-usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 die() { echo "loop.sh: $*" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=slurm/lib.sh
 source "$REPO/slurm/lib.sh"
+# shellcheck source=launch/options.sh
+source "$REPO/launch/options.sh"  # usage, unknown_option
 RUN_DIR=""; MODEL=""; SFT_DATA=""; PROBLEMS=""; HELD_OUT=""; ROUNDS=2; ANSWER_SAMPLES=1; SKIP_SFT=0
 SFT_RECIPE=$REPO/configs/recipes/mistral-7b/sft_qlora_zero3.yaml
 RECIPE=$REPO/configs/recipes/mistral-7b/loop_dpo_qlora_zero3.yaml
@@ -81,7 +82,7 @@ while [[ $# -gt 0 ]]; do
     --cpu) CPU=1; shift;;
     --dry-run) DRY=1; shift;;
     -h|--help) usage; exit 0;;
-    *) die "unknown option $1 (see --help)";;
+    *) unknown_option loop.sh "$1";;
   esac
 done
 

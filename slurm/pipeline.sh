@@ -31,12 +31,13 @@
 # are checked with `stepdpo check` in the --env environment first (a warning if it cannot run on this node), and
 # --serve-args with launch/serve_reward.sh --check.
 set -euo pipefail
-usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # the header comment
 die() { echo "pipeline.sh: $*" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=slurm/lib.sh
 source "$REPO/slurm/lib.sh"
+# shellcheck source=launch/options.sh
+source "$REPO/launch/options.sh"  # usage, unknown_option
 RUN_DIR=""; INPUTS=(); MODEL=""; RM=""; RECIPE=""; FORMAT=prm800k; TEST_FRACTION=0.1; SEED=0
 METHOD=judge; REPLICAS=1; REWARD_GPUS=""; SERVE_ARGS=""; API_KEY_FILE=""; REWARD_URLS=(); SERVED_NAME=""
 LAUNCH_OPTS=()  # options that configure a reward-server job, refused with --reward-url
@@ -88,7 +89,7 @@ while [[ $# -gt 0 ]]; do
     --cpu) CPU=1; shift;;
     --dry-run) DRY=1; shift;;
     -h|--help) usage; exit 0;;
-    *) die "unknown option $1 (see --help)";;
+    *) unknown_option pipeline.sh "$1";;
   esac
 done
 

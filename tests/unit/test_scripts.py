@@ -31,6 +31,31 @@ def test_help_is_the_whole_header_and_nothing_else(script):
     assert "set -euo" not in res.stdout and len(res.stdout.splitlines()) > 3
 
 
+
+@pytest.mark.parametrize("script, given, hint", [
+    # the stages take --reward_model and --reward-model alike; the scripts only the dashed form
+    ("slurm/pipeline.sh", "--reward_model", " (did you mean --reward-model?)"),
+    ("launch/train.sh", "--Main_Address", " (did you mean --main-address?)"),
+    # a value after "=": these scripts take it as the next argument
+    ("slurm/loop.sh", "--mode=cpu", " (write --mode VALUE: the value is the next argument, not after '=')"),
+    # the start of options: all of them (no abbreviations here)
+    ("slurm/loop.sh", "--round", " (did you mean --rounds?)"),
+    ("slurm/pipeline.sh", "--time",
+     " (did you mean --time-eval, --time-prepare, --time-reward, --time-score or --time-train?)"),
+    # spelling, compared without the dashes every option has: --reward_model is not near --max-model-len
+    ("launch/serve_reward.sh", "--max-model-length", " (did you mean --max-model-len?)"),
+    ("launch/serve_reward.sh", "--reward_model", ""),
+    ("launch/train.sh", "--frobnicate", ""),
+])
+def test_an_unknown_option_is_refused_with_the_nearest_real_one(script, given, hint):
+    """Before: "unknown option --reward_model (see --help)" and nothing more, though the Python stages, which take
+    underscores, suggest the name."""
+    args = ["m"] if script.endswith("serve_reward.sh") else []  # its first argument is the model
+    res = subprocess.run(["bash", str(REPO / script), *args, given], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    assert res.stderr == f"{Path(script).name}: unknown option {given}{hint}; see --help\n"
+
+
 def test_serve_reward_names_a_missing_model_directory_at_once(tmp_path):
     # Before, a missing local directory reached vLLM as a hub id and failed after its start-up, with a traceback
     # about repo ids; a hub id (org/name) still goes through as it is.
@@ -103,7 +128,7 @@ def test_loop_and_pipeline_check_every_jobs_options_before_submitting(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and not (tmp_path / "pipe").exists()
     assert res.stderr.splitlines()[-2:] == [  # after the recipe's global-batch warning
-        "serve_reward.sh: unknown option --max-model-length (see --help)",
+        "serve_reward.sh: unknown option --max-model-length (did you mean --max-model-len?); see --help",
         "pipeline.sh: --serve-args '--dtype bfloat16 --max-model-length 4096': see above; nothing submitted"]
     # a node where the jobs' environment cannot be set up: said, and the submission goes ahead
     res = subprocess.run(loop + ["--env", "cmd:false"], capture_output=True, text=True, timeout=120)
