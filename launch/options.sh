@@ -10,9 +10,8 @@ usage() { awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; }  # th
 # - underscores: the stepdpo stages (Python) take --reward_model and --reward-model alike, these scripts only
 #   the dashed form;
 # - --mode=cpu: these scripts take an option's value as the next argument.
-# Otherwise: every option the word begins (--gpus: --gpus-per-node), else up to three nearest spellings by the
-# stages' rule (stepdpo.cli._did_you_mean: difflib ratio >= 0.6, within 0.05 of the best). Where this node has no
-# python3, no spelling hint.
+# Otherwise: every option the word begins (--gpus: --gpus-per-node), else the nearest spellings by the stages' own
+# rule (stepdpo/spelling.py, run by path: it needs python3, not the package). Without python3, no spelling hint.
 unknown_option() {
   local name=$1 given=$2 flag norm options hint=""
   flag=${given%%=*}
@@ -27,17 +26,7 @@ unknown_option() {
     fi
   elif [[ $given == --?* ]]; then
     local near
-    near=$(python3 - "$norm" $options <<'PY' 2>/dev/null || true
-import difflib, sys
-word, names = sys.argv[1], sys.argv[2:]
-close = [n for n in names if n.startswith(word)]  # every one: these scripts take no abbreviations
-if not close:  # compared without the dashes every name shares, as the stages compare
-    scored = sorted(((difflib.SequenceMatcher(None, word[2:], n[2:]).ratio(), n) for n in names), reverse=True)
-    close = [n for r, n in scored[:3] if r >= 0.6 and r >= scored[0][0] - 0.05] if scored else []
-if close:
-    print(close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1])
-PY
-)
+    near=$(python3 "$(dirname "${BASH_SOURCE[0]}")/../stepdpo/spelling.py" "$norm" $options 2>/dev/null || true)
     [[ -n $near ]] && hint=" (did you mean $near?)"
   fi
   echo "$name: unknown option $given$hint; see --help" >&2

@@ -21,6 +21,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+from stepdpo.spelling import close_names, or_join
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -150,8 +152,6 @@ _OTHER_TOOLS = {
 }
 
 
-def _or(names: list[str], word: str = "or") -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
 
 
 def _did_you_mean(word: str, names: list[str], prefix: str = "") -> str:
@@ -159,10 +159,9 @@ def _did_you_mean(word: str, names: list[str], prefix: str = "") -> str:
     (_OTHER_TOOLS) if the stage has that option, else the nearest spellings (up to three, as close as the best)."""
     key = word.replace("-", "_")
     close = [n for n in _OTHER_TOOLS.get(key, ()) if n in names][:1]
-    if not close and names:
-        scored = sorted(((difflib.SequenceMatcher(None, key, n).ratio(), n) for n in names), reverse=True)
-        close = [n for r, n in scored[:3] if r >= 0.6 and r >= scored[0][0] - 0.05]
-    return f" (did you mean {_or([prefix + n for n in close])}?)" if close else ""
+    if not close:
+        close = close_names(key, names)
+    return f" (did you mean {or_join([prefix + n for n in close])}?)" if close else ""
 
 
 def _refuse_unknown(name: str, parser, argv: list[str]) -> dict | None:
@@ -191,7 +190,8 @@ def _refuse_unknown(name: str, parser, argv: list[str]) -> dict | None:
         if len(starts) == 1:
             continue
         if starts:
-            raise OptionsError(f"ambiguous option {flag}: it is the start of {_or(['--' + d for d in starts], 'and')}"
+            listed = or_join(["--" + d for d in starts], "and")
+            raise OptionsError(f"ambiguous option {flag}: it is the start of {listed}"
                                f"{_did_you_mean(flag[2:], keys, '--')}; give the whole name")
         raise OptionsError(f"unknown option {flag}{_did_you_mean(flag[2:], keys, '--')}; "
                            f"`stepdpo {name} --help` lists every option")

@@ -166,9 +166,9 @@ def _print_table(s: dict) -> None:
 LOOP = {"hidden": 64, "layers": 2, "train_problems": 600, "test_problems": 200, "max_value": 9, "sft_steps": 700,
         "sft_lr": 3e-3, "mine_problems": 600, "samples": 4, "rollouts": 4, "temperature": 1.0,
         # top_k 50: the sampling every setting here was measured with (the hf backend used transformers' default
-        # top_k of 50 before --top_k existed), now on both backends. Over four mining draws
-        # each, A1 averaged 0.753 with 0 and 0.760 with 50, a difference the draws cannot show (they spread 9
-        # points; README "The loop on CPU").
+        # top_k of 50 before --top_k existed), now on both backends. Over four mining draws each, A1 averaged 0.753
+        # with 0 and 0.760 with 50, a difference the draws cannot show (they spread 9 points; README "The loop on
+        # CPU").
         "top_k": 50, "error_rule": "max_drop",
         # 5e-5 was DPO's best of 2e-5, 5e-5, 1e-4 and 5e-4, measured on the held-out problems, so A1 is optimistic;
         # the control is trained at the same rate and beat DPO at every one of those rates (README "The loop").

@@ -31,7 +31,6 @@ def test_help_is_the_whole_header_and_nothing_else(script):
     assert "set -euo" not in res.stdout and len(res.stdout.splitlines()) > 3
 
 
-
 @pytest.mark.parametrize("script, given, hint", [
     # the stages take --reward_model and --reward-model alike; the scripts only the dashed form
     ("slurm/pipeline.sh", "--reward_model", " (did you mean --reward-model?)"),
