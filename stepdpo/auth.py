@@ -189,12 +189,19 @@ def check_model(name: str, token: Token, field: str = "--model", revision: str |
     `cached_if_unreachable`: with the hub unreachable and a cached copy, go on (transformers loads the copy after
     its own retries, as it did before this check; the warning says how to skip the hub). Training passes False
     and stops, since every worker would wait through those retries on allocated GPUs."""
-    if is_local(name):
-        return f"{name}: local directory"
+    from stepdpo.models import ModelError, model_ref
+
+    try:
+        ref = model_ref(name)
+    except ModelError as e:  # a GGUF path that does not exist
+        raise ModelSourceError(_named(name, field) + str(e)[len(f"--model {name}"):]) from None
+    if ref.is_local:
+        return f"{name}: local {'GGUF file' if ref.is_gguf else 'directory'}"
     if (name, revision) in _CHECKED:
         return _CHECKED[name, revision]
     if looks_like_path(name):
         raise ModelSourceError(f"{_named(name, field)}: no such model directory")
+    name = ref.path  # a GGUF file in a hub repository: the repository is what the hub is asked about
     try:
         status = preflight(name, token, revision=revision)
     except AuthError as e:

@@ -40,6 +40,8 @@ STAGES: dict[str, Stage] = {
                         "build a tiny random-weight model of a real architecture (no download)"),
     "synth": Stage("stepdpo.data.synthetic", "SynthOptions", "synth",
                    "generate PRM800K-format data (multi-step arithmetic with step labels)"),
+    "problems": Stage("stepdpo.generate.problems", "ProblemsOptions", "select_problems",
+                      "select problems by reference step count and split them by problem (train, validation, test)"),
     "prepare": Stage("stepdpo.data.prepare", "PrepareOptions", "run_prepare",
                      "validate step-labelled data and build step preference pairs"),
     "score": Stage("stepdpo.reward.score", "ScoreOptions", "score",
@@ -54,6 +56,8 @@ STAGES: dict[str, Stage] = {
                  "supervised fine-tuning on correct step-by-step solutions: a base model becomes a step solver"),
     "mine": Stage("stepdpo.generate.mine", "MineOptions", "mine",
                   "the policy's own step pairs: sample, grade, locate the first wrong step, correct it"),
+    "convert": Stage("stepdpo.convert", "ConvertOptions", "convert",
+                     "write a GGUF file (or a registry model) out once as a plain model directory"),
     "merge": Stage("stepdpo.generate.merge", "MergeOptions", "merge",
                    "fold a LoRA/QLoRA adapter into its base (for servers without LoRA support)"),
     "eval": Stage("stepdpo.evaluate", "EvalOptions", "run_eval",
@@ -64,6 +68,8 @@ STAGES: dict[str, Stage] = {
     "plan": Stage("stepdpo.plan", "PlanOptions", "run_plan",
                   "per-GPU / per-node memory plan from the model config or a training recipe (no weights)",
                   foreign_config=True),
+    "loop": Stage("stepdpo.loop", "LoopOptions", "loop",
+                  "one round of the loop (sft, mine, stepwise DPO) against controls, with intervals and paired tests"),
     "demo": Stage("stepdpo.demo", "DemoOptions", "demo",
                   "the whole pipeline on CPU with a tiny model: data, pairs, scores, training, eval"),
 }
@@ -363,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from stepdpo.errors import StepdpoError
 
+    if name in ("demo", "loop") and "torch" not in sys.modules:  # numbers the README quotes: same on every machine
+        from stepdpo.console import reproducible_cpu
+
+        reproducible_cpu()
     _setup_logging()
     options = None
     try:

@@ -21,8 +21,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from tqdm import tqdm
 
+from stepdpo.console import progress_bar
 from stepdpo.data.pairs import DEFAULT_INSTRUCTION
 from stepdpo.errors import StepdpoError
 from stepdpo.options import REQUIRED, check, opt
@@ -105,7 +105,8 @@ def completion_logps(model, tokenizer, pairs: list[dict], *, batch_size: int = 3
     chosen, rejected = [], []
     model.eval()
     total = (len(tokenized) + batch_size - 1) // batch_size
-    for batch in tqdm(_batches(tokenized, batch_size, pad), total=total, desc=desc, disable=not progress):
+    for batch in progress_bar(iterable=_batches(tokenized, batch_size, pad), total=total, desc=desc,
+                              disable=not progress):
         c, r = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
         chosen += c.float().tolist()
         rejected += r.float().tolist()
@@ -156,8 +157,9 @@ def _loading_args(run_cfg: dict | None) -> SimpleNamespace:
 def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = None):
     """A full model directory, or a PEFT adapter directory on its base loaded as trained (a QLoRA adapter on
     the nf4 base), on the GPU when there is one. Returns (model, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from stepdpo.models import load_config, load_pretrained, load_tokenizer
     from stepdpo.train.checkpoint import adapter_base
     from stepdpo.train.modeling import DTYPES, quantization_config
 
@@ -166,7 +168,7 @@ def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = No
     base = adapter_base(path)
     base_name = base or path
     try:
-        cfg = AutoConfig.from_pretrained(base_name, token=token)
+        cfg = load_config(base_name, token=token)
     except OSError as e:
         what = f"the adapter's base model {base_name!r}" if base else f"--model {path}"
         raise EvalError(f"{what} cannot be loaded ({str(e).splitlines()[0]}); pass a local directory, or make the "
@@ -176,7 +178,7 @@ def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = No
     quant = quantization_config(args) if base else None
     if quant is not None:
         kwargs["quantization_config"] = quant
-    model = cls.from_pretrained(base_name, **kwargs)
+    model = load_pretrained(cls, base_name, **kwargs)
     if quant is None:
         model.to(device)
     prepare_for_logps(model, str((run_cfg or {}).get("prefix_sharing", "auto")).lower())  # before PEFT wraps it
@@ -187,7 +189,7 @@ def load_for_eval(path: str, token: str | None = None, run_cfg: dict | None = No
         if quant is None:
             model.to(device)
     tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else base_name
-    return model, AutoTokenizer.from_pretrained(tok_dir, token=token)
+    return model, load_tokenizer(tok_dir, token=token)
 
 
 def eval_settings(options: EvalOptions, run_cfg: dict | None) -> dict:

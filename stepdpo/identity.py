@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 _SAMPLE = 1 << 20  # bytes hashed at each end of a large file
-_MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".tiktoken")
+_MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".tiktoken", ".gguf", ".jinja")
 # Records of the run that wrote a model, not the model: they hold its output paths, so with them the same weights
 # trained into another directory got another identity, and with it other sampling seeds and cache keys.
 # (stepdpo's run config and fingerprint: stepdpo.train.checkpoint.RUN_CONFIG and FINGERPRINT, spelled out because
@@ -35,9 +35,11 @@ def file_fingerprint(path: str | Path) -> str:
 
 def model_identity(name: str, token: str | None = None, revision: str | None = None) -> str:
     """A local directory: a hash over its config, tokenizer and weight files (not the records of the run that
-    wrote it). A hub id: `id@commit` when the snapshot is cached (the commit a branch resolved to), else
-    `id@revision`."""
+    wrote it). A local GGUF file: a hash of that file. A hub id: `id@commit` when the snapshot is cached (the
+    commit a branch resolved to), else `id@revision`."""
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return f"gguf:{file_fingerprint(path)[:24]}"
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(path.iterdir()):

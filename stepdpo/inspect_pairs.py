@@ -41,9 +41,8 @@ class InspectOptions:
 def inspect_pairs(options: InspectOptions) -> list[dict]:
     """Show exactly what the trainer sees for a few pairs: texts after templating and truncation, token counts,
     and the token boundary between prompt and step."""
-    from transformers import AutoConfig
-
     from stepdpo.auth import model_token
+    from stepdpo.models import load_config
     from stepdpo.data.pairs import read_pairs
     from stepdpo.train.modeling import load_tokenizer
     from stepdpo.train.tokenize import PairTokenizer
@@ -51,7 +50,7 @@ def inspect_pairs(options: InspectOptions) -> list[dict]:
     token = model_token(options.model_name_or_path, options.hf_token_file, revision=options.model_revision)
     pairs = read_pairs(options.pairs)[options.start : options.start + options.n]
     tokenizer = load_tokenizer(options.model_name_or_path, options.model_revision, token)
-    config = AutoConfig.from_pretrained(options.model_name_or_path, revision=options.model_revision, token=token)
+    config = load_config(options.model_name_or_path, revision=options.model_revision, token=token)
     pair_tokenizer = PairTokenizer.from_settings(tokenizer, options,
                                                  encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
     shown = []

@@ -21,7 +21,6 @@ layer recomputed; DPO runs 2 sequences (chosen, rejected) per pair. Logits are n
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +39,11 @@ def load_config(model: str):
     without network spent about 25 s in huggingface_hub's retries before falling back to them."""
     from transformers import AutoConfig, MistralConfig, T5Config
 
-    if os.path.isdir(model):
-        return AutoConfig.from_pretrained(model)
+    from stepdpo.models import load_config as load_model_config, model_ref
+
+    ref = model_ref(model)
+    if ref.is_gguf or ref.is_local:  # a GGUF file's config is in its header
+        return load_model_config(model)
     try:
         return AutoConfig.from_pretrained(model, local_files_only=True)
     except Exception:  # not cached (or not a valid id): the bundled copy, else the hub

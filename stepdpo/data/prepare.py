@@ -17,8 +17,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
+from stepdpo.console import progress_bar
 from stepdpo.data.formats import CONVERTERS
 from stepdpo.data.jsonio import LAYOUT_HINT, Unparsable, records
 from stepdpo.data.jsonio import loads as fast_loads
@@ -114,7 +114,7 @@ def _process_file(path: Path, run: _Run, opts: PrepareOptions) -> None:
     file = str(path.resolve())  # resolves later from any working directory
     convert = CONVERTERS.get(opts.format)
     size = path.stat().st_size
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"prepare {path.name}", disable=not opts.progress)
+    bar = progress_bar(total=size, unit="B", unit_scale=True, desc=f"prepare {path.name}", disable=not opts.progress)
     pending = 0
     # Hot loop: local counters, written back to `run` once at the end.
     lines_read = records_used = without_pairs = pairs_generated = identical = duplicates = 0

@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
+from stepdpo.console import progress_bar
 from stepdpo.data.pairs import DEFAULT_INSTRUCTION, PromptStyle, prompt_style, render_prompt, write_jsonl
 from stepdpo.errors import StepdpoError
 from stepdpo.generate.problems import Problem, read_problems
@@ -148,14 +147,15 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from stepdpo.models import load_pretrained
         from stepdpo.reward.hf import default_device
         from stepdpo.train.modeling import DTYPES
 
         self.device = default_device()
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
-            model_name, dtype=DTYPES[dtype], token=token).to(self.device)
+        self.model = model if model is not None else load_pretrained(
+            AutoModelForCausalLM, model_name, dtype=DTYPES[dtype], token=token).to(self.device)
         self.model.eval()
         self.tokenizer = tokenizer
 
@@ -313,7 +313,7 @@ def run_generation(units: list[Unit], generator, settings: dict, cache: SampleCa
     # longest prompts first: batches of similar length waste less padding
     missing.sort(key=lambda u: -len(u.prompt_ids))
     batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
-    bar = tqdm(total=len(missing), desc="generate", unit="sample", disable=not progress)
+    bar = progress_bar(total=len(missing), desc="generate", unit="sample", disable=not progress)
     start = time.perf_counter()
 
     def on_result(i, results):

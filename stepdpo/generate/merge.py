@@ -23,9 +23,10 @@ class MergeOptions:
 def merge(options: MergeOptions) -> Path:
     """Fold a LoRA adapter into its base model and save the result with its tokenizer."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from stepdpo.auth import model_token
+    from stepdpo.models import load_pretrained, load_tokenizer
     from stepdpo.train.checkpoint import adapter_base, load_run_config
     from stepdpo.train.modeling import DTYPES
 
@@ -37,11 +38,11 @@ def merge(options: MergeOptions) -> Path:
     if dtype == "auto":
         dtype = (load_run_config(adapter) or {}).get("dtype", "float32")
     token = model_token(base, options.hf_token_file, f"the base model in {adapter / 'adapter_config.json'}")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], token=token)
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=DTYPES[dtype], token=token)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out = Path(options.out)
     merged.save_pretrained(out)
     tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    AutoTokenizer.from_pretrained(tok_dir, token=token).save_pretrained(out)
+    load_tokenizer(str(tok_dir), token=token).save_pretrained(out)
     print(f"merged {adapter} into {base}: {out}")
     return out

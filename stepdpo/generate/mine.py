@@ -113,7 +113,7 @@ def solved_solutions(problem: Problem, samples: list[dict], right: list[bool]) -
     information as the pairs (the policy's samples and the reference answers, no reference solutions). Every right
     sample is kept, repeats included: RFT's paper keeps distinct reasoning paths only, but on the loop demo that
     lowered the RFT control from 0.734 to 0.650, since repeats are the policy's confident solutions and dropping
-    them raises the share of right answers reached through a wrong step (README "The loop on CPU")."""
+    them raises the share of right answers reached through a wrong step (README "The loop")."""
     return [{"id": r["id"], "problem": problem.text, "answer": problem.answer, "steps": r["steps"]}
             for r, good in zip(samples, right) if good and r["steps"]]
 

@@ -24,6 +24,8 @@ class HFScorer(RewardBackend):
                  device: torch.device | None = None, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+        from stepdpo.models import load_pretrained
+
         self.spec = spec
         self.device = device or default_device()
         self.tokenizer = tokenizer
@@ -39,8 +41,8 @@ class HFScorer(RewardBackend):
             self.model = _load_classifier_prm(spec.model, config, dtype, token, trust_remote_code)
         else:
             cls = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
-            self.model = cls.from_pretrained(spec.model, dtype=dtype, token=token,
-                                             trust_remote_code=trust_remote_code).eval()
+            self.model = load_pretrained(cls, spec.model, dtype=dtype, token=token,
+                                         trust_remote_code=trust_remote_code).eval()
         self.model.to(self.device)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -101,12 +103,11 @@ def load_hf_backend(spec: MethodSpec, token: str | None = None, dtype: str = "au
                     tokenizer=None, config=None) -> HFScorer:
     """The in-process backend on the GPU when there is one, in bf16 there where supported (as models are
     trained), and float32 on CPU."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    from stepdpo.models import load_config, load_tokenizer
     from stepdpo.train.modeling import DTYPES
 
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(spec.model, token=token)
-    config = config or AutoConfig.from_pretrained(spec.model, token=token)
+    tokenizer = tokenizer or load_tokenizer(spec.model, token=token)
+    config = config or load_config(spec.model, token=token)
     device = default_device()
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"

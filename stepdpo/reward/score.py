@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
+from stepdpo.console import progress_bar
 from stepdpo.data.pairs import DEFAULT_INSTRUCTION, prompt_style, read_pairs, write_jsonl
 from stepdpo.identity import model_identity
 from stepdpo.options import REQUIRED, check, check_choice, opt
@@ -96,11 +96,11 @@ def _api_key(env_name: str | None, file: str | None) -> str | None:
 def make_backend(options: ScoreOptions, spec: MethodSpec, token: str | None) -> RewardBackend:
     """The one place that picks a backend. The backend's `spec` has the prompt style and the model identity. The
     caller has run `stepdpo.auth.check_model` on the model (`model_token`)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from stepdpo.models import load_config, load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.model, token=token)
-        config = AutoConfig.from_pretrained(spec.model, token=token)
+        tokenizer = load_tokenizer(spec.model, token=token)
+        config = load_config(spec.model, token=token)
     except OSError as e:
         raise ScoreError(f"--model {spec.model}: cannot load its tokenizer/config ({str(e).splitlines()[0]}). Pass a "
                          "local model directory, or a hub id with network access (HF_HUB_OFFLINE needs a cached "
@@ -137,7 +137,7 @@ def score_pairs(pairs: list[dict], spec: MethodSpec, cache: ScoreCache, backend:
                 needed.setdefault(spec.key(s), s)
     missing = {k: s for k, s in needed.items() if k not in cache}
     counts = {"substeps": len(needed), "cache_hits": len(needed) - len(missing), "scored": 0, "forward_units": 0}
-    bar = tqdm(total=len(missing), desc=f"score {spec.method}", unit="substep", disable=not progress)
+    bar = progress_bar(total=len(missing), desc=f"score {spec.method}", unit="substep", disable=not progress)
     start = time.perf_counter()
 
     remaining = set(missing)

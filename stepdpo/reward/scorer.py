@@ -148,9 +148,9 @@ def prm_serving_tokens(model: str, good_token: str = "+", bad_token: str = "-", 
     the step-tag id, and for an LM head the good/bad *vocabulary pieces*. vLLM's `classifier_from_token` looks
     its entries up as pieces, so it must get the piece of the id stepdpo reads ('▁+' = 648 in Mistral's
     vocabulary, math-shepherd's), not the bare text ('+' = 28806, another row of the LM head)."""
-    from transformers import AutoTokenizer
+    from stepdpo.models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = load_tokenizer(model)
     spec = MethodSpec(model=model, method="prm", good_token=good_token, bad_token=bad_token, step_tag=step_tag,
                       head=head)
     tag, good, bad = prm_token_ids(tokenizer, spec)

@@ -14,9 +14,11 @@ import logging
 
 import torch
 
+from stepdpo.models import dtypes
+
 logger = logging.getLogger("stepdpo.train")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = dtypes()
 
 
 class ModelConfigError(ValueError):
@@ -109,20 +111,19 @@ def lora_config(args, encoder_decoder: bool):
 
 
 def load_tokenizer(name: str, revision: str | None = None, token: str | None = None):
-    from transformers import AutoTokenizer
+    from stepdpo.models import load_tokenizer as load
 
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, token=token)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load(name, revision, token)
 
 
 def load_model(args, token: str | None = None, for_training: bool = True):
     """Load the policy as configured. Returns (model, peft_config or None)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from stepdpo.models import load_config, load_pretrained
 
     name = args.model_name_or_path
-    model_config = AutoConfig.from_pretrained(name, revision=args.model_revision, token=token)
+    model_config = load_config(name, revision=args.model_revision, token=token)
     check_compatibility(args, model_config)
     encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
     cls = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
@@ -135,7 +136,7 @@ def load_model(args, token: str | None = None, for_training: bool = True):
         kwargs["quantization_config"] = quant
     if args.device_map is not None:  # refused under ZeRO-3 by check_compatibility
         kwargs["device_map"] = args.device_map
-    model = cls.from_pretrained(name, **kwargs)
+    model = load_pretrained(cls, name, **kwargs)
     if quant is not None and for_training and zero_stage(args) != 3:
         # Single-process / DDP QLoRA: PEFT's usual preparation (norms and embeddings upcast to fp32 for
         # stability). Not under ZeRO-3: PEFT's documented z3-QLoRA recipe loads with dtype equal to the quant

@@ -4,7 +4,9 @@ Turns a base model (e.g. Mistral-7B-v0.1) into a step-by-step solver, the policy
 start from (Step-DPO starts from such a model). Training data, any of:
 * PRM800K records: trajectories that end in `solution` with every walked step rated +1;
 * Step-DPO rows with `full_chosen` (prompt + a whole correct solution);
-* step lists: {"problem" (or "prompt"), "steps": [...]} (`stepdpo synth --kind problems` writes these).
+* step lists: {"problem" (or "prompt"), "steps": [...]} (`stepdpo synth --kind problems` writes these);
+* GSM8K rows: {"question", "answer"}: the reference steps (calculator annotations stripped unless
+  `gsm8k_annotations`), then "The answer is N." (stepdpo.data.gsm8k).
 The prompt is the one renderer's (`render_prompt`: plain text, or the chat template), the completion is the
 steps joined by newlines and closed by EOS, so the model learns to stop after its answer. Loss on the
 completion only. Launch modes, recipes, resume, auth and SLURM are `train`'s (launch/train.sh --stage sft).
@@ -26,7 +28,7 @@ from stepdpo.errors import OptionsError, StepdpoError
 from stepdpo.train.config import ModelArgs
 
 logger = logging.getLogger("stepdpo.sft")
-SFT_FORMATS = ("auto", "prm800k", "step-dpo", "steps")
+SFT_FORMATS = ("auto", "prm800k", "step-dpo", "steps", "gsm8k")
 
 
 class SFTDataError(StepdpoError):
@@ -36,10 +38,13 @@ class SFTDataError(StepdpoError):
 @dataclass
 class StepSFTConfig(ModelArgs, SFTConfig):
     train_data: str | None = field(default=None, metadata={
-        "help": "Correct step-by-step solutions: PRM800K records, Step-DPO rows with full_chosen, or step lists."})
+        "help": "Correct step-by-step solutions: PRM800K records, Step-DPO rows with full_chosen, step lists, or "
+                "GSM8K rows."})
     eval_data: str | None = field(default=None, metadata={"help": "Held-out solutions in the same formats."})
-    data_format: str = field(default="auto", metadata={"help": "auto (detected per record), prm800k, step-dpo or steps.",
-                                                       "choices": list(SFT_FORMATS)})
+    data_format: str = field(default="auto", metadata={
+        "help": "auto (detected per record), prm800k, step-dpo, steps or gsm8k.", "choices": list(SFT_FORMATS)})
+    gsm8k_annotations: bool = field(default=False, metadata={
+        "help": "GSM8K rows: keep the calculator annotations (<<48/2=24>>) in the reference steps."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
 
     def __post_init__(self):
@@ -49,14 +54,23 @@ class StepSFTConfig(ModelArgs, SFTConfig):
         super().__post_init__()
 
 
-def _solution_from(row, fmt: str) -> tuple[str, list[str]]:
+def _solution_from(row, fmt: str, gsm8k_annotations: bool = False) -> tuple[str, list[str]]:
     """(problem, steps) of one record, or ValueError naming why it is not a correct solution."""
+    from stepdpo.data import gsm8k
     from stepdpo.data.formats import split_steps
 
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     if fmt == "auto":
-        fmt = "prm800k" if isinstance(row.get("label"), dict) else "step-dpo" if "full_chosen" in row else "steps"
+        fmt = ("prm800k" if isinstance(row.get("label"), dict) else "step-dpo" if "full_chosen" in row
+               else "gsm8k" if "question" in row and "steps" not in row else "steps")
+    if fmt == "gsm8k":
+        if not gsm8k.is_gsm8k(row):
+            raise ValueError("a GSM8K row needs string `question` and `answer` with a `#### N` last line")
+        steps = gsm8k.solution_steps(row["answer"], gsm8k_annotations)
+        if len(steps) < 2 or not row["question"].strip():
+            raise ValueError("a GSM8K row needs a question and at least one reference step before `####`")
+        return row["question"], steps
     if fmt == "prm800k":
         from stepdpo.data.prm800k import RecordError, walk_record
 
@@ -92,7 +106,8 @@ def _has_unrated_pick(row) -> bool:
     return False
 
 
-def read_solutions(path: str | Path, fmt: str = "auto") -> tuple[list[tuple[str, list[str]]], list[dict]]:
+def read_solutions(path: str | Path, fmt: str = "auto",
+                   gsm8k_annotations: bool = False) -> tuple[list[tuple[str, list[str]]], list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise SFTDataError(f"{path}: no such file")
@@ -101,7 +116,7 @@ def read_solutions(path: str | Path, fmt: str = "auto") -> tuple[list[tuple[str,
         try:
             if invalid:
                 raise ValueError(invalid)
-            out.append(_solution_from(row, fmt))
+            out.append(_solution_from(row, fmt, gsm8k_annotations))
         except ValueError as e:
             rejects.append({"file": str(path), "line": line, "reason": str(e).splitlines()[0]})
     if not out:
@@ -136,10 +151,11 @@ def build_sft_trainer(config, callbacks=None):
     from stepdpo.train.seq2seq import is_encoder_decoder
 
     token = resolve_token(config.hf_token_file).value
-    solutions, rejects = read_solutions(config.train_data, config.data_format)
+    solutions, rejects = read_solutions(config.train_data, config.data_format, config.gsm8k_annotations)
     if config.max_train_examples:
         solutions = solutions[: config.max_train_examples]
-    evals = read_solutions(config.eval_data, config.data_format)[0] if config.eval_data else None
+    evals = (read_solutions(config.eval_data, config.data_format, config.gsm8k_annotations)[0] if config.eval_data
+             else None)
     tokenizer = load_tokenizer(config.model_name_or_path, config.model_revision, token)
     model, peft_config = load_model(config, token=token)
     if is_encoder_decoder(model):

@@ -152,6 +152,13 @@ class StepProgress(ProgressCallback):
              ("mean_token_accuracy", "token_acc"),
              ("eval_loss", "eval_loss"), ("eval_rewards/accuracies", "eval_acc"))
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        from stepdpo.console import progress_bar
+
+        if state.is_world_process_zero:  # on a Console's terminal when one is open (stepdpo.console)
+            self.training_bar = progress_bar(total=state.max_steps, desc="train", unit="step")
+        self.current_step = 0
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
@@ -284,7 +291,39 @@ class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
         # TRL precomputes inside its __init__, before ours resumes
         self._ensure_seq2seq_heads()
         self._install_prefix_sharing()
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.num_processes == 1:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        return self._precompute_ref_logps_on_every_rank(dataset, name, batch_size)
+
+    def _precompute_ref_logps_on_every_rank(self, dataset, name, batch_size):
+        """TRL 1.16's precompute with several processes, without its cache file. TRL has rank 0 write the log-probs
+        to a file named by `dataset._get_cache_file_path` and every rank read it back; for an in-memory dataset (the
+        pairs stepdpo builds) that name is a random one in each process's own temporary directory, so the other
+        ranks failed with FileNotFoundError (under DDP and ZeRO-3 alike: huggingface/trl#2985 reports precompute
+        broken under ZeRO-3, and users fall back to ZeRO-2). The same forwards (TRL's compute_ref_log_probs, and
+        under DeepSpeed TRL's inference engine over the sharded policy), gathered in dataset order as TRL does; then
+        each rank adds the columns to its own copy of the dataset."""
+        from torch.utils.data import DataLoader
+        from trl.models import prepare_deepspeed
+
+        loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                                                     num_workers=self.args.dataloader_num_workers, shuffle=False))
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        if len(chosen) != len(dataset):
+            raise RuntimeError(f"precomputed {len(chosen)} reference log-probs for {len(dataset)} {name} pairs")
+        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps",
+                                                                                  rejected.tolist())
 
     # ---------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

@@ -1,6 +1,8 @@
-"""`stepdpo demo`: the pair pipeline, and `--loop` (the README's main command, `launch/demo.sh`), end to end on CPU."""
+"""`stepdpo demo`: the pair pipeline, and `--loop` (the README's main command, `launch/demo.sh`), end to end on CPU.
+The numbers the README prints for both are what these runs print: a drift fails here."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,8 +13,16 @@ from tests.conftest import REPO, child_env
 pytestmark = pytest.mark.integration
 
 
+def readme_block(first: str) -> list[str]:
+    """The lines of the README's fenced block that starts with `first` (the demo's printed results)."""
+    for block in re.findall(r"```\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S):
+        if block.startswith(first):
+            return block.rstrip("\n").split("\n")
+    raise AssertionError(f"README.md has no block starting {first!r}")
+
+
 def test_demo_learns_on_held_out_problems(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "stepdpo.cli", "demo", "--out", str(tmp_path / "demo")],
+    res = subprocess.run([sys.executable, "-m", "stepdpo.cli", "demo", "--out", str(tmp_path / "demo"), "--no-progress"],
                          env=child_env(OMP_NUM_THREADS=2), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
@@ -20,43 +30,49 @@ def test_demo_learns_on_held_out_problems(tmp_path):
     assert 0.3 <= before <= 0.7, "an untrained model should be near chance"
     assert after >= 0.80
     assert set(summary["stages"]) == {"tiny_model", "synth", "prepare", "score", "eval_before", "train", "eval_after"}
-    assert summary["total_seconds"] < 600
     assert (tmp_path / "demo" / "training_curves.png").stat().st_size > 1000
-    assert "held-out pair accuracy" in res.stdout
+    # standard output is the results, exactly the README's block; each stage's time is a line on standard error
+    assert res.stdout.lstrip("\n").rstrip("\n").split("\n") == readme_block("stepdpo demo (t5")
+    assert [x.split()[1] for x in res.stderr.splitlines() if x.startswith("[demo] ")] == list(summary["stages"])
+    assert (tmp_path / "demo" / "demo.log").stat().st_size > 0
 
 
-def test_the_main_command_runs_the_loop_and_writes_its_summary(tmp_path):
+def test_the_main_command_runs_the_loop_and_prints_the_readmes_numbers(demo_loop):
     """`bash launch/demo.sh`, the README's main command, as shipped (set-up, then `stepdpo demo --loop`): every
-    stage runs, held-out problems are unseen, and summary.json has answer accuracy before, after and for the
-    control, the pairs mined and the time per stage."""
-    res = subprocess.run(["bash", str(REPO / "launch" / "demo.sh"), "--out", str(tmp_path), "--no-progress"],
-                         env=child_env(), capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    s = json.loads((tmp_path / "summary.json").read_text())
-    assert set(s["answer_accuracy"]) == {"before", "after", "control"}
-    a = s["answer_accuracy"]
-    assert 0.2 <= a["before"] <= 0.8 and a["after"] > a["before"] and 0 <= a["control"] <= 1  # room, and a rise
-    assert f"{'A0: after sft':34s} {a['before']:10.3f}" in res.stdout
-    assert f"{'A1: + mine + stepwise DPO':34s} {a['after']:10.3f}" in res.stdout
-    assert s["mined_pairs"] == s["mine"]["pairs"] > 0 and s["held_out_problems"] == 177
-    assert {"sft", "answers_before", "mine", "train", "answers_after", "control_sft", "answers_control"} <= set(s["stages"])
-    # the control is trained like the DPO stage (steps, learning rate, schedule, batch); the one at the SFT stage's
+    stage runs, held-out problems are unseen, summary.json has every accuracy with its interval, the paired tests,
+    the pairs mined and the time per stage, and standard output is the README's block, byte for byte."""
+    out, res = demo_loop
+    assert res.stdout.lstrip("\n").rstrip("\n").split("\n") == readme_block("stepdpo loop (tiny")
+    s = json.loads((out / "summary.json").read_text())
+    a = s["accuracy"]
+    assert set(a) == {"A0", "A1", "sft", "rft", "sft_at_sft_lr"}
+    assert 0.2 <= a["A0"]["accuracy"] <= 0.8 and a["A1"]["accuracy"] > a["A0"]["accuracy"]  # room, and a rise
+    assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["problems"] == 177 for r in a.values())
+    assert set(s["paired_tests"]) == {"A1_vs_A0", "A1_vs_sft", "A1_vs_rft", "A1_vs_sft_at_sft_lr"}
+    assert s["mined_pairs"] == s["mine"]["pairs"] > 0 and s["task"]["eval_problems"] == 177
+    assert s["generations"]["mine"] == s["mine"]["generations"] > 0
+    assert {"sft", "answers A0", "mine", "train (stepwise DPO)", "answers A1", "control sft",
+            "answers sft"} <= set(s["seconds"]["stages"])
+    # standard error: one line per stage with its time (no progress bars with --no-progress), nothing else
+    assert [x for x in res.stderr.splitlines() if x.startswith("[loop] ")] and all(
+        x.startswith(("[loop] ", "[setup] ", "stage seconds: ")) for x in res.stderr.splitlines() if x.strip())
+    assert "Warning" not in res.stderr and "warnings.warn" in (out / "loop.log").read_text()
+
+    # each control is trained like the DPO stage (steps, learning rate, schedule, batch); the one at the SFT stage's
     # learning rate is reported beside it
     def args(run):
-        saved = json.loads((tmp_path / run / "final" / "stepdpo_config.json").read_text())
-        return {k: saved[k] for k in ("max_steps", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size")}
+        saved = json.loads((out / run / "final" / "stepdpo_config.json").read_text())
+        return {k: saved[k] for k in ("max_steps", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size",
+                                      "warmup_steps", "model_name_or_path")}
 
-    assert args("control") == args("dpo") and args("dpo")["learning_rate"] == s["settings"]["dpo_lr"]
-    assert args("control_sft_lr")["learning_rate"] == s["settings"]["sft_lr"] != s["settings"]["dpo_lr"]
+    assert args("control_sft") == args("dpo") and args("dpo")["learning_rate"] == s["settings"]["dpo_lr"]
+    assert args("control_sft_at_sft_lr")["learning_rate"] == s["settings"]["sft_lr"] != s["settings"]["dpo_lr"]
     # RFT: as many steps again, on the policy's own right samples that `mine` wrote
     assert args("control_rft") == args("dpo")
-    assert s["controls"]["rft"]["solutions"] == s["mine"]["solved_solutions"] > 0
-    rft = json.loads((tmp_path / "control_rft" / "final" / "stepdpo_config.json").read_text())
-    assert rft["train_data"] == str(tmp_path / "mine" / "solved.jsonl") and 0 <= s["controls"]["rft"]["accuracy"] <= 1
-    assert s["controls"]["control"]["accuracy"] == s["answer_accuracy"]["control"]
-    assert 0 <= s["controls"]["at_sft_lr"]["accuracy"] <= 1 and s["mine"]["error_rule"] == "max_drop"
-    train = {json.loads(x)["problem"] for x in (tmp_path / "train.jsonl").read_text().splitlines()}
-    test = {json.loads(x)["problem"] for x in (tmp_path / "test.jsonl").read_text().splitlines()}
+    rft = json.loads((out / "control_rft" / "final" / "stepdpo_config.json").read_text())
+    assert rft["train_data"] == str(out / "mine" / "solved.jsonl") and s["mine"]["solved_solutions"] > 0
+    train = {json.loads(x)["problem"] for x in (out / "problems" / "train.jsonl").read_text().splitlines()}
+    test = {json.loads(x)["problem"] for x in (out / "problems" / "test.jsonl").read_text().splitlines()}
     assert not train & test
 
 

@@ -112,36 +112,42 @@ def test_qlora_under_zero3_saves_an_adapter_that_reloads(tiny_mistral, synth_pai
     assert torch.allclose(logits, trained, atol=1e-4), (logits - trained).abs().max()
 
 
-def test_two_machines_form_one_zero3_job(tiny_mistral, synth_pairs, tmp_path):
-    """Two launch/train.sh processes on 127.0.0.1 as machine ranks 0 and 1: one job of world size 2, so an
-    epoch over N pairs takes N / (2 * batch) steps; with accelerate's default pdsh launcher each trained
-    alone (N / batch steps) into the same output_dir."""
+def launch_two_machines(recipe, out, workdir, *overrides, entry="tests.integration.drivers.probe_train"):
+    """Two launch/train.sh processes on 127.0.0.1 as machine ranks 0 and 1 (one process each), each in its own
+    working directory: one job of world size 2."""
     import os
 
     port = free_port()
-    out = tmp_path / "run"
-    workdirs = [tmp_path / "m0", tmp_path / "m1"]  # each "machine" runs in its own directory
     procs = []
-    for rank, cwd in enumerate(workdirs):
-        cwd.mkdir()
-        cmd = ["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu-zero3", "--config", str(RECIPE),
+    for rank in (0, 1):
+        cwd = workdir / f"m{rank}"
+        cwd.mkdir(parents=True)
+        cmd = ["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu-zero3", "--config", str(recipe),
                "--nodes", "2", "--procs", "1", "--machine-rank", str(rank), "--main-address", "127.0.0.1",
-               "--main-port", str(port), "--no-preflight", "--entry", "tests.integration.drivers.probe_train",
-               "--", "--model_name_or_path", str(tiny_mistral), "--train_pairs",
-               str(synth_pairs / "train" / "pairs.jsonl"), "--output_dir", str(out), "--max_train_pairs", "16",
-               "--per_device_train_batch_size", "2", "--num_train_epochs", "1", "--max_steps", "-1"]
+               "--main-port", str(port), "--no-preflight", "--entry", entry, "--", "--output_dir", str(out),
+               *map(str, overrides)]
         env = child_env(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     logs = [p.communicate(timeout=900)[0] for p in procs]
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"machine {rank}:\n{log[-5000:]}"
-    summary = json.loads((out / "train_summary.json").read_text())
+    return json.loads((out / "train_summary.json").read_text())
+
+
+def test_two_machines_form_one_zero3_job(tiny_mistral, synth_pairs, tmp_path):
+    """Two launch/train.sh processes on 127.0.0.1 as machine ranks 0 and 1: one job of world size 2, so an
+    epoch over N pairs takes N / (2 * batch) steps; with accelerate's default pdsh launcher each trained
+    alone (N / batch steps) into the same output_dir."""
+    out = tmp_path / "run"
+    summary = launch_two_machines(RECIPE, out, tmp_path, "--model_name_or_path", tiny_mistral, "--train_pairs",
+                                  synth_pairs / "train" / "pairs.jsonl", "--max_train_pairs", "16",
+                                  "--per_device_train_batch_size", "2", "--num_train_epochs", "1", "--max_steps", "-1")
     assert summary["global_step"] == 16 // (2 * 2)
     for rank in (0, 1):
         info = json.loads((out / f"partition_rank{rank}.json").read_text())
         assert info["world_size"] == 2 and info["shard_numel"] == info["ds_numel"] // 2
-    for cwd in workdirs:  # the standard launcher writes no environment dump (it could hold a token)
+    for cwd in (tmp_path / "m0", tmp_path / "m1"):  # the standard launcher writes no environment dump (it could hold a token)
         assert not (cwd / ".deepspeed_env").exists()
 
 
@@ -202,3 +208,42 @@ def test_the_7b_sft_recipe_checkpoints_reentrant_under_zero3(tiny_mistral, tmp_p
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "checkpoint_calls_rank0.json").read_text()) == {"use_reentrant": ["True"]}
+
+
+def _ref_logps(out) -> dict:
+    seen = {}
+    for rank in (0, 1):
+        seen.update(json.loads((out / f"ref_logps_rank{rank}.json").read_text()))
+    return seen
+
+
+def test_a_precomputed_reference_under_zero3_is_the_live_one(tiny_mistral, synth_pairs, tmp_path):
+    """precompute_ref_log_probs under ZeRO-3 (full fine-tuning, so the reference is the sharded policy before any
+    step): the reference log-probs every step used, pair by pair, and the losses, equal those of a live frozen
+    reference, with two processes and with two launchers acting as two machines. TRL's own precompute is reported
+    broken under ZeRO-3 (huggingface/trl#2985), where users fall back to ZeRO-2."""
+    args = ["--model_name_or_path", tiny_mistral, "--train_pairs", synth_pairs / "train" / "pairs.jsonl",
+            "--max_steps", 4, "--per_device_train_batch_size", 2, "--learning_rate", 1e-3]
+    entry = "tests.integration.drivers.ref_probe"
+
+    def run(out, precompute):
+        cmd = ["bash", str(REPO / "launch" / "train.sh"), "--mode", "cpu-zero3", "--config", str(RECIPE),
+               "--main-port", str(free_port()), "--no-preflight", "--entry", entry, "--", "--output_dir", str(out),
+               "--precompute_ref_log_probs", precompute, *map(str, args)]
+        res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
+        return json.loads((out / "train_summary.json").read_text())
+
+    live = run(tmp_path / "live", "false")
+    pre = run(tmp_path / "pre", "true")
+    two = launch_two_machines(RECIPE, tmp_path / "two", tmp_path / "machines", "--precompute_ref_log_probs", "true",
+                              *args, entry=entry)
+    want = _ref_logps(tmp_path / "live")
+    assert len(want) == 4 * 2 * 2  # 4 steps of 2 pairs on each of 2 ranks, each pair once
+    for got in (_ref_logps(tmp_path / "pre"), _ref_logps(tmp_path / "two")):
+        assert got.keys() == want.keys()
+        for pid in want:  # a sum over a step's tokens: float32 rounding of the layouts is relative (see test_prefix_sharing)
+            assert got[pid] == pytest.approx(want[pid], rel=1e-6, abs=1e-5), pid
+    for summary in (pre, two):
+        assert losses(summary) == pytest.approx(losses(live), abs=1e-5)
+    assert losses(live)[0] == pytest.approx(math.log(2), abs=1e-6) and losses(live)[-1] != losses(live)[0]

@@ -7,28 +7,13 @@ import json
 
 import pytest
 
-from stepdpo.cli import parse
 from stepdpo.data.pairs import validate_pair
 from stepdpo.data.synthetic import SynthOptions, synth
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
 from stepdpo.generate.mine import MineOptions, mine
-from stepdpo.train.sft import read_solutions, sft_main
+from stepdpo.train.sft import read_solutions
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def solver(tiny_mistral, tmp_path_factory):
-    """A tiny Mistral taught step-by-step arithmetic by `sft`: it solves some problems and fails others."""
-    d = tmp_path_factory.mktemp("solver")
-    synth(SynthOptions(out=str(d / "train.jsonl"), kind="problems", problems=300, seed=1, max_value=9))
-    cfg, _ = parse("sft", ["--model_name_or_path", str(tiny_mistral), "--train_data", str(d / "train.jsonl"),
-                           "--output_dir", str(d / "sft"), "--max_steps", "500", "--learning_rate", "3e-3",
-                           "--per_device_train_batch_size", "16", "--lr_scheduler_type", "constant", "--use_cpu",
-                           "true", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"])
-    summary = sft_main(cfg)
-    assert summary["data"]["used"] == 300
-    return d
 
 
 def test_sft_teaches_the_step_format_and_to_stop(solver):

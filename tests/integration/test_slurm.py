@@ -270,23 +270,22 @@ def test_pipeline_validates_and_dry_runs(cluster, tiny_mistral, tmp_path):
         assert res.returncode == 2 and message in res.stderr and "secret" not in res.stderr, res.stderr
 
 
-def test_loop_runs_sft_then_two_rounds_of_mine_and_train(cluster, tiny_mistral, tmp_path):
-    """slurm/loop.sh with the shipped loop recipes, shrunk by overrides (a tiny Mistral on CPU, full-weight SFT
-    long enough to solve some problems, two DPO steps per round, mining in-process): sft -> mine1 -> train1 ->
-    mine2 -> train2, chained by afterok, all COMPLETED; round 2 mines with round 1's adapter merged into its base.
-    With --rft-control, each round's RFT control trains on that round's right samples, beside the DPO job."""
-    from stepdpo.data.synthetic import SynthOptions, synth
-
-    synth(SynthOptions(out=str(tmp_path / "train.jsonl"), kind="problems", problems=300, seed=1, max_value=9))
-    sft_args = ("--use_cpu true --max_steps 500 --learning_rate 3e-3 --per_device_train_batch_size 16 "
+def test_loop_runs_sft_then_two_rounds_of_mine_and_train(cluster, solver, tmp_path):
+    """slurm/loop.sh with the shipped loop recipes, shrunk by overrides (on CPU, two full-weight SFT steps from the
+    demo's tiny step solver, so the policy solves some problems; two DPO steps per round, mining in-process): sft ->
+    mine1 -> train1 -> mine2 -> train2, chained by afterok, all COMPLETED; round 2 mines with round 1's adapter
+    merged into its base. With --rft-control, each round's RFT control trains on that round's right samples, beside
+    the DPO job."""
+    (tmp_path / "train.jsonl").write_text((solver / "train.jsonl").read_text())
+    sft_args = ("--use_cpu true --max_steps 2 --learning_rate 5e-5 --per_device_train_batch_size 16 "
                 "--gradient_accumulation_steps 1 --lr_scheduler_type constant --warmup_steps 0 --load_in_4bit false "
                 "--use_peft false --dtype float32 --bf16 false --gradient_checkpointing false --save_strategy no")
     train_args = ("--use_cpu true --max_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
                   "--bnb_4bit_compute_dtype float32 --dtype float32 --bf16 false --gradient_checkpointing false")
     mine_args = "--samples 4 --rollouts 4 --max-new-tokens 64 --limit 40 --temperature 1.0 --batch-size 32"
-    rft_args = sft_args.replace("--max_steps 500", "--max_steps 2").replace("3e-3", "5e-5")
+    rft_args = sft_args
     res = subprocess.run(["bash", str(REPO / "slurm" / "loop.sh"), "--run-dir", str(tmp_path / "run"), "--model",
-                          str(tiny_mistral), "--sft-data", str(tmp_path / "train.jsonl"), "--problems",
+                          str(solver / "sft" / "final"), "--sft-data", str(tmp_path / "train.jsonl"), "--problems",
                           str(tmp_path / "train.jsonl"), "--rounds", "2", "--cpu", "--mine-backend", "hf",
                           "--sft-args", sft_args, "--train-args", train_args, "--mine-args", mine_args,
                           "--rft-control", "--rft-args", rft_args],

@@ -40,8 +40,10 @@ RECIPES = sorted((ACC.parent / "recipes").rglob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_shipped_recipe_passes_the_submit_time_check(path):
     """What slurm/pipeline.sh and loop.sh check before submitting, on this CPU machine too: the 7B recipes' bf16
-    cannot be parsed in full without a GPU, but every key's name, type and choices can."""
+    cannot be parsed in full without a GPU, but every key's name, type and choices can. The real-model loop recipes
+    (configs/recipes/smollm2-135m/) are `stepdpo loop`'s."""
     from stepdpo.cli import check_options
 
-    stage = "sft" if "train_data" in yaml.safe_load(path.read_text()) else "train"
+    keys = yaml.safe_load(path.read_text())
+    stage = "loop" if "dpo_steps" in keys else "sft" if "train_data" in keys else "train"  # loop: stepdpo loop's
     check_options(stage, ["--config", str(path)])

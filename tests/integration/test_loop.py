@@ -1,0 +1,78 @@
+"""`stepdpo loop`: the same command gives the same bytes twice, and the real-model recipe runs end to end on GSM8K
+(SmolLM2-135M-Instruct's real GGUF file, GSM8K's real training split) at its --quick size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, child_env
+
+pytestmark = pytest.mark.integration
+
+# the demo's loop at a reduced size: every stage runs (sft, mine, DPO, three controls), in about half a minute
+REDUCED = ["--sft-steps", "150", "--train-problems", "120", "--mine-problems", "60", "--test-problems", "40",
+           "--dpo-steps", "10", "--validation-problems", "20"]
+
+
+def _loop(out, *args, **env):
+    res = subprocess.run([sys.executable, "-m", "stepdpo.cli", "loop", "--out", str(out), "--no-progress", *args],
+                         env=child_env(OMP_NUM_THREADS=2, **env), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_the_same_command_gives_the_same_summary_twice(tmp_path):
+    """Thread count, seeds and sampling order fixed: two runs into two directories print the same bytes and write
+    the same summary but for the seconds (the only thing in it that may differ)."""
+    runs = [_loop(tmp_path / name, *REDUCED) for name in ("a", "b")]
+    assert runs[0].stdout == runs[1].stdout and "stepdpo loop (tiny, " in runs[0].stdout
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("a", "b")]
+    for s in summaries:
+        assert s.pop("seconds")["total"] > 0
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["mined_pairs"] > 0 and set(summaries[0]["accuracy"]) == {"A0", "A1", "sft", "rft",
+                                                                                    "sft_at_sft_lr"}
+
+
+def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(tmp_path):
+    """--reuse: a second run with one DPO setting changed keeps the SFT model and every cached generation, and
+    trains DPO and the controls (which match DPO's rate) again."""
+    base = [*REDUCED, "--reuse", "--controls", "sft"]
+    _loop(tmp_path, *base)
+    sft_weights = (tmp_path / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    _loop(tmp_path, *base, "--dpo-lr", "1e-4")
+    log = (tmp_path / "loop.log").read_text()
+    assert (tmp_path / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights
+    assert log.count(f"reused {tmp_path / 'sft' / 'final'}") == 1 and "reused " + str(tmp_path / "dpo") not in log
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["settings"]["dpo_lr"] == 1e-4 and s["mine"]["generations"] == 0  # every sample came from the cache
+    saved = json.loads((tmp_path / "control_sft" / "final" / "stepdpo_config.json").read_text())
+    assert saved["learning_rate"] == 1e-4
+
+
+def test_the_real_model_recipe_on_gsm8k_quick(gsm8k_train, smollm2_gguf, tmp_path):
+    """configs/recipes/smollm2-135m/loop_gsm8k.yaml at --quick through the benchmark's own entry (what CI runs of the
+    long experiment): the registry model converted, GSM8K's two-step problems split by problem, SFT on their
+    reference solutions, A0, mine, stepwise DPO, A1, the SFT and RFT controls; a summary with intervals and tests."""
+    results = tmp_path / "loop_results.json"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.loop", "--task", "gsm8k", "--quick", "--backend", "hf",
+                          "--problems", str(gsm8k_train), "--out", str(tmp_path / "run"), "--results", str(results)],
+                         cwd=REPO, env=child_env(OMP_NUM_THREADS=2), capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["model"] == "registry:smollm2-135m-instruct" and s["settings"]["max_steps"] == 2
+    assert (tmp_path / "run" / "model" / "stepdpo_provenance.json").is_file()
+    assert set(s["accuracy"]) == {"A0", "A1", "sft", "rft"} and set(s["paired_tests"]) == {
+        "A1_vs_A0", "A1_vs_sft", "A1_vs_rft"}
+    for row in s["accuracy"].values():
+        assert row["problems"] == s["task"]["eval_problems"] > 0 and 0 <= row["ci95"][0] <= row["ci95"][1] <= 1
+    assert s["generations"]["mine"] > 0 and {"sft", "mine", "train (stepwise DPO)"} <= set(s["seconds"]["stages"])
+    # the recipe's prompt: the chat template, an instruction asking for one step per line and a findable answer
+    first = json.loads((tmp_path / "run" / "answers_before" / "samples.jsonl").read_text().splitlines()[0])
+    assert first["problem"] in (tmp_path / "run" / "problems" / "test.jsonl").read_text()
+    recorded = json.loads(results.read_text())["runs"][-1]
+    assert recorded["quick"] is True and recorded["task"] == "gsm8k" and recorded["accuracy"]["A1"] == s["accuracy"]["A1"]
