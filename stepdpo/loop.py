@@ -209,6 +209,7 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
             raise LoopError(f"mine found no pair in {mined['problems']} training problems (sample accuracy "
                             f"{mined['sample_accuracy']:.3f}); more --mine-problems, --samples or --max-wrong")
         with console.stage("train (stepwise DPO)", times):
+            servers.stop()  # an idle vLLM CPU server still takes a core and gigabytes from training
             _train_once(StepwiseDPOConfig(model_name_or_path=str(policy),
                                           train_pairs=str(out / "mine" / "pairs.jsonl"), output_dir=str(out / "dpo"),
                                           beta=o.beta, loss_type=list(o.loss_type),
@@ -222,6 +223,7 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
         for c in o.controls:
             kw = dict(matched, **({"learning_rate": o.sft_lr} if c == "sft_at_sft_lr" else {}))
             with console.stage(f"control {c}", times):
+                servers.stop()
                 model_c = sft(policy, out / f"control_{c}", data[c], o.use_peft, **kw)
             with console.stage(f"answers {c}", times):
                 results[c] = _answers(model_c, out / f"answers_control_{c}", files["eval"], o, servers)

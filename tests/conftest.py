@@ -147,7 +147,7 @@ def demo_loop(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo_loop")
     res = subprocess.run(["bash", str(REPO / "launch" / "demo.sh"), "--out", str(out), "--no-progress"],
-                         env=child_env(), capture_output=True, text=True, timeout=900)
+                         env=child_env(), capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
 
@@ -173,6 +173,7 @@ _GROUPS = (("cluster", {"cluster", "demo_loop", "solver"}), ("vllm", {"vllm_judg
            ("smollm2", {"smollm2_gguf", "smollm2_dir"}))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
