@@ -164,13 +164,14 @@ def solver(demo_loop, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------- two workers (pytest-xdist)
-# launch/test.sh runs the suite on two workers (`-n 2 --dist loadgroup`): CI's machine has 2 cores and many tests
-# wait on other processes (servers starting, launches, SLURM jobs). Tests that share a costly session fixture go to
-# one worker, so it is built once: the SLURM cluster with the demo's run (the cluster's loop test starts from the
-# demo's SFT model, and its pipeline tests use the shared vLLM judge), the vLLM judge's other tests, and the real
-# SmolLM2 model. The rest go wherever a worker is free.
-_GROUPS = (("cluster", {"cluster", "demo_loop", "solver"}), ("vllm", {"vllm_judge"}),
-           ("smollm2", {"smollm2_gguf", "smollm2_dir"}))
+# launch/test.sh runs the suite on two workers (`-n 2 --dist loadgroup`): CI's machine has 2 cores and many tests wait
+# on other processes (servers starting, launches, SLURM jobs). Tests that share a costly session fixture go to one
+# worker, so it is built once: the SLURM cluster with the demo's run (the cluster's loop test starts from the demo's
+# SFT model, and its pipeline tests use the shared vLLM judge), the vLLM judge's other tests (test_vllm's `servers`
+# asks for the judge itself), the real SmolLM2 model, and test_distributed's one-process reference run (`single`). A
+# module with its own costly module fixture marks itself (test_loop.py). The rest go wherever a worker is free.
+_GROUPS = (("cluster", {"cluster", "demo_loop", "solver"}), ("vllm", {"vllm_judge", "servers"}),
+           ("smollm2", {"smollm2_gguf", "smollm2_dir"}), ("single", {"single"}))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids

@@ -73,18 +73,18 @@ def validate_pair(pair) -> str | None:
     """None when `pair` follows the schema, else the first problem found (naming the field)."""
     if not isinstance(pair, dict):
         return "not a JSON object"
-    for field in ("id", "problem"):
-        if not isinstance(pair.get(field), str) or not pair[field]:
-            return f"field {field!r} must be a non-empty string"
+    for key in ("id", "problem"):
+        if not isinstance(pair.get(key), str) or not pair[key]:
+            return f"field {key!r} must be a non-empty string"
     if pair.get("kind") not in KINDS:
         return f"field 'kind' must be one of {KINDS}, got {pair.get('kind')!r}"
     if not _is_str_list(pair.get("prefix_steps"), allow_empty=True):
         return "field 'prefix_steps' must be a list of non-empty strings"
-    for field in ("chosen_steps", "rejected_steps"):
-        if not _is_str_list(pair.get(field), allow_empty=False):
-            return f"field {field!r} must be a non-empty list of non-empty strings"
-        if pair["kind"] == "step" and len(pair[field]) != 1:
-            return f"field {field!r} must have exactly one step when kind is 'step'"
+    for key in ("chosen_steps", "rejected_steps"):
+        if not _is_str_list(pair.get(key), allow_empty=False):
+            return f"field {key!r} must be a non-empty list of non-empty strings"
+        if pair["kind"] == "step" and len(pair[key]) != 1:
+            return f"field {key!r} must have exactly one step when kind is 'step'"
     for side in ("chosen", "rejected"):
         rewards = pair.get(f"{side}_step_rewards")
         if rewards is None:

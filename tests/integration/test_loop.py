@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO, child_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("loop")]  # one worker builds two_runs
 
 # the demo's loop at a reduced size: every stage runs (sft, mine, DPO, three controls), in about half a minute
 REDUCED = ["--sft-steps", "150", "--train-problems", "120", "--mine-problems", "60", "--test-problems", "40",
@@ -25,12 +25,20 @@ def _loop(out, *args, **env):
     return res
 
 
-def test_the_same_command_gives_the_same_summary_twice(tmp_path):
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same command twice, into two directories (--reuse has nothing to reuse in a new one); the reuse test
+    then runs again in the first, so the suite pays for two reduced runs and a DPO, not three runs."""
+    root = tmp_path_factory.mktemp("loop")
+    return root, [_loop(root / name, *REDUCED, "--reuse") for name in ("a", "b")]
+
+
+def test_the_same_command_gives_the_same_summary_twice(two_runs):
     """Thread count, seeds and sampling order fixed: two runs into two directories print the same bytes and write
     the same summary but for the seconds (the only thing in it that may differ)."""
-    runs = [_loop(tmp_path / name, *REDUCED) for name in ("a", "b")]
+    root, runs = two_runs
     assert runs[0].stdout == runs[1].stdout and "stepdpo loop (tiny, " in runs[0].stdout
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("a", "b")]
+    summaries = [json.loads((root / name / "summary.json").read_text()) for name in ("a", "b")]
     for s in summaries:
         assert s.pop("seconds")["total"] > 0
     assert summaries[0] == summaries[1]
@@ -38,19 +46,19 @@ def test_the_same_command_gives_the_same_summary_twice(tmp_path):
                                                                                     "sft_at_sft_lr"}
 
 
-def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(tmp_path):
+def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs):
     """--reuse: a second run with one DPO setting changed keeps the SFT model and every cached generation, and
     trains DPO and the controls (which match DPO's rate) again."""
-    base = [*REDUCED, "--reuse", "--controls", "sft"]
-    _loop(tmp_path, *base)
-    sft_weights = (tmp_path / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
-    _loop(tmp_path, *base, "--dpo-lr", "1e-4")
-    log = (tmp_path / "loop.log").read_text()
-    assert (tmp_path / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights
-    assert log.count(f"reused {tmp_path / 'sft' / 'final'}") == 1 and "reused " + str(tmp_path / "dpo") not in log
-    s = json.loads((tmp_path / "summary.json").read_text())
+    run = two_runs[0] / "a"
+    sft_weights = (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    _loop(run, *REDUCED, "--reuse", "--controls", "sft", "--dpo-lr", "1e-4")
+    log = (run / "loop.log").read_text()
+    assert (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights
+    assert log.count(f"reused {run / 'sft' / 'final'}") == 1 and "reused " + str(run / "dpo") not in log
+    s = json.loads((run / "summary.json").read_text())
     assert s["settings"]["dpo_lr"] == 1e-4 and s["mine"]["generations"] == 0  # every sample came from the cache
-    saved = json.loads((tmp_path / "control_sft" / "final" / "stepdpo_config.json").read_text())
+    assert set(s["accuracy"]) == {"A0", "A1", "sft"}
+    saved = json.loads((run / "control_sft" / "final" / "stepdpo_config.json").read_text())
     assert saved["learning_rate"] == 1e-4
 
 
