@@ -126,12 +126,16 @@ def render(results: dict, mach: dict, quick: bool) -> str:
 
 @contextmanager
 def shared_vllm_server(names: list[str]):
-    """One vLLM server for every vLLM case in this run (see benchmarks.cases.judge_server); the env for them."""
+    """One vLLM server for every vLLM case in this run (see benchmarks.cases.judge_server); the env for them. With
+    STEPDPO_BENCH_VLLM already set (JSON [model dir, url] of a running judge server), the cases use that one."""
     import tempfile
 
     from benchmarks.cases import SHARED_SERVER_ENV, VLLM_CASES, judge_server
     from stepdpo.testing import vllm_available
 
+    if os.environ.get(SHARED_SERVER_ENV):  # a server the caller runs (the test suite's judge): every case uses it
+        yield {SHARED_SERVER_ENV: os.environ[SHARED_SERVER_ENV]}
+        return
     if sum(n in VLLM_CASES for n in names) < 2 or not vllm_available():
         yield {}
         return

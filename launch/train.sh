@@ -77,6 +77,7 @@ esac
 if [[ $MODE == cpu* ]]; then
   export DS_ACCELERATOR=cpu
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per process: ranks share the cores
+  export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # waiting threads sleep (stepdpo.console.share_cores)
   TOTAL=$((NPROC * NODES))
 else
   if [[ -z $GPUS ]]; then GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())"); fi

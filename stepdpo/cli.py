@@ -369,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from stepdpo.errors import StepdpoError
 
-    if name in ("demo", "loop") and "torch" not in sys.modules:  # numbers the README quotes: same on every machine
-        from stepdpo.console import reproducible_cpu
+    if "torch" not in sys.modules:
+        from stepdpo.console import reproducible_cpu, share_cores
 
-        reproducible_cpu()
+        share_cores()
+        if name in ("demo", "loop"):  # numbers the README quotes: the same on every machine
+            reproducible_cpu()
     _setup_logging()
     options = None
     try:

@@ -122,6 +122,16 @@ def quiet_libraries() -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
+
+def share_cores() -> None:
+    """OpenMP threads that wait sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless the user chose a policy.
+    Called by the CLI before torch starts. torch's libgomp spins waiting threads for a while by default; when more
+    threads than cores are busy (two stages or ranks on one machine, a vLLM server beside a training run, a loaded CI
+    machine) a spinning thread holds the core its partner needs. Three processes of 2 threads on 2 cores: a small
+    matmul loop took 17-41 s each spinning, 3-4 s passive (about one process's time alone). The thread count, and so
+    every number, is unchanged. pytorch/pytorch#57715, #19163."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 def reproducible_cpu() -> None:
     """Pin the CPU code paths whose rounding differs between machines, before torch starts: ATen's vectorized
     kernels and MKL's BLAS take their AVX2 paths on every x86 CPU that has AVX2 (an AVX-512 machine would otherwise
