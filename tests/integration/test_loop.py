@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO, child_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("loop")]  # one worker builds two_runs
+pytestmark = pytest.mark.integration
 
 # the demo's loop at a reduced size: every stage runs (sft, mine, DPO, three controls), in about half a minute
 REDUCED = ["--sft-steps", "150", "--train-problems", "120", "--mine-problems", "60", "--test-problems", "40",
@@ -33,6 +33,7 @@ def two_runs(tmp_path_factory):
     return root, [_loop(root / name, *REDUCED, "--reuse") for name in ("a", "b")]
 
 
+@pytest.mark.xdist_group("loop")  # one worker builds two_runs
 def test_the_same_command_gives_the_same_summary_twice(two_runs):
     """Thread count, seeds and sampling order fixed: two runs into two directories print the same bytes and write
     the same summary but for the seconds (the only thing in it that may differ)."""
@@ -46,6 +47,7 @@ def test_the_same_command_gives_the_same_summary_twice(two_runs):
                                                                                     "sft_at_sft_lr"}
 
 
+@pytest.mark.xdist_group("loop")
 def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs):
     """--reuse: a second run with one DPO setting changed keeps the SFT model and every cached generation, and
     trains DPO and the controls (which match DPO's rate) again."""
@@ -64,8 +66,9 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
 
 def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):
     """configs/recipes/smollm2-135m/loop_arith.yaml at --quick through the benchmark's own entry (what CI runs of the
-    long experiment), on one-operation problems with one-digit numbers, sampled at temperature 0.7 from the 20 likeliest
-    tokens, so that a few of them are enough to mine pairs from (two SFT steps teach nothing): the registry model
+    long experiment), on one-operation problems with one-digit numbers, sampled at temperature 0.3 from the 20 likeliest
+    tokens, so that a few of them are enough to mine pairs from (two SFT steps teach nothing; greedy, SmolLM2 solves
+    about half of these, and at 0.7 a CI run drew no right sample in 12, so no pair): the registry model
     converted, SFT, A0, mine, stepwise DPO, A1, the SFT and RFT controls; a summary with intervals and tests. (The
     GSM8K recipe cannot show the path at this size: two SFT steps leave SmolLM2 at 0 of a few GSM8K problems, and
     mine finds nothing to pair; its stages are each tested on GSM8K in test_models.py.)"""
@@ -73,7 +76,7 @@ def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):
     res = subprocess.run([sys.executable, "-m", "benchmarks.loop", "--task", "arith", "--quick", "--backend", "hf",
                           "--out", str(tmp_path / "run"), "--results", str(results), "--",
                           "--synth-max-value", "9", "--synth-min-ops", "1", "--synth-max-ops", "1",
-                          "--temperature", "0.7", "--top-k", "20"],
+                          "--temperature", "0.3", "--top-k", "20"],
                          cwd=REPO, env=child_env(OMP_NUM_THREADS=2), capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
