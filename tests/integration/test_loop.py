@@ -90,7 +90,8 @@ def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):
     assert s["generations"]["mine"] > 0 and {"sft", "mine", "train (stepwise DPO)"} <= set(s["seconds"]["stages"])
     # the recipe's prompt: SmolLM2's chat template with an instruction asking for one step per line
     first = json.loads((tmp_path / "run" / "answers_before" / "samples.jsonl").read_text().splitlines()[0])
-    assert first["problem"] in (tmp_path / "run" / "problems" / "test.jsonl").read_text()
+    measured = tmp_path / "run" / "problems" / f"{s['task']['evaluate']}.jsonl"  # benchmarks.loop: validation
+    assert s["task"]["evaluate"] == "validation" and first["problem"] in measured.read_text()
     recorded = json.loads(results.read_text())["runs"][-1]
     assert recorded["quick"] is True and recorded["task"] == "arith" and recorded["accuracy"]["A1"] == s["accuracy"]["A1"]
     assert recorded["overrides"][:2] == ["--synth-max-value", "9"]
