@@ -122,7 +122,6 @@ def quiet_libraries() -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
-
 def share_cores() -> None:
     """OpenMP threads that wait sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless the user chose a policy.
     Called by the CLI before torch starts. torch's libgomp spins waiting threads for a while by default; when more
@@ -131,6 +130,7 @@ def share_cores() -> None:
     matmul loop took 17-41 s each spinning, 3-4 s passive (about one process's time alone). The thread count, and so
     every number, is unchanged. pytorch/pytorch#57715, #19163."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def reproducible_cpu() -> None:
     """Pin the CPU code paths whose rounding differs between machines, before torch starts: ATen's vectorized
