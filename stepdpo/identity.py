@@ -4,6 +4,7 @@ model copied under the same path (or a moved hub branch) is never mistaken for t
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 _SAMPLE = 1 << 20  # bytes hashed at each end of a large file
@@ -14,6 +15,13 @@ _MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".tikt
 # checkpoint imports this module; transformers' TRAINING_ARGS_NAME and TRAINER_STATE_NAME. tests/unit/test_identity.py
 # keeps them in step.)
 RUN_RECORDS = frozenset({"stepdpo_config.json", "stepdpo_fingerprint.json", "training_args.bin", "trainer_state.json"})
+# Keys that a file of the model holds about how it was last loaded, not about the model. transformers 5's tokenizer
+# `from_pretrained` puts `is_local` and `local_files_only` into the tokenizer's init kwargs and `save_pretrained` writes
+# them back to tokenizer_config.json (tokenization_utils_base.py; `name_or_path` was dropped from the saved file
+# upstream for the same reason, huggingface/transformers#21483). `local_files_only` is True whenever HF_HUB_OFFLINE or
+# TRANSFORMERS_OFFLINE is set, so the same SFT model trained with and without those switches had two identities, two
+# sets of sampling seeds, and the loop demo mined 507 pairs instead of 546 (README, "Same install, same numbers").
+LOAD_STATE = {"tokenizer_config.json": frozenset({"is_local", "local_files_only", "name_or_path"})}
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -33,6 +41,21 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _model_file_fingerprint(path: Path) -> str:
+    """file_fingerprint, but a file named in LOAD_STATE is hashed as its JSON content without those keys (whether or
+    not a loader wrote them), so the same model saved offline, online, or by another tool has one identity."""
+    drop = LOAD_STATE.get(path.name)
+    if drop:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):  # not JSON: hash it as it is
+            data = None
+        if isinstance(data, dict):
+            kept = {k: v for k, v in data.items() if k not in drop}
+            return hashlib.sha256(b"json\0" + json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    return file_fingerprint(path)
+
+
 def model_identity(name: str, token: str | None = None, revision: str | None = None) -> str:
     """A local directory: a hash over its config, tokenizer and weight files (not the records of the run that
     wrote it). A local GGUF file: a hash of that file. A hub id: `id@commit` when the snapshot is cached (the
@@ -44,7 +67,7 @@ def model_identity(name: str, token: str | None = None, revision: str | None = N
         h = hashlib.sha256()
         for f in sorted(path.iterdir()):
             if f.is_file() and f.suffix in _MODEL_FILES and f.name not in RUN_RECORDS:
-                h.update(f.name.encode() + b"\0" + file_fingerprint(f).encode())
+                h.update(f.name.encode() + b"\0" + _model_file_fingerprint(f).encode())
         return f"dir:{h.hexdigest()[:24]}"
     try:
         from huggingface_hub import try_to_load_from_cache
