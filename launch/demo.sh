@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh >&2
 # Same numbers on every run: a fixed thread count (the CLI pins the CPU code paths: stepdpo.console.reproducible_cpu).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 exec .venv/bin/stepdpo demo --loop "$@"

@@ -5,10 +5,9 @@
 # Extra args go to pytest, e.g. `bash launch/test.sh tests/unit -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh --vllm --models $([[ $(id -u) == 0 ]] && echo --slurm)
-# OMP_WAIT_POLICY: two workers' processes share 2 cores; spinning OpenMP threads slowed them several-fold
-# (stepdpo.console.share_cores)
-export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+bash launch/setup.sh --vllm --models --ops $([[ $(id -u) == 0 ]] && echo --slurm)
+# (OMP_WAIT_POLICY=PASSIVE: tests/conftest.py sets it before torch loads, see stepdpo.console.share_cores)
+export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu
 WORKERS=${STEPDPO_TEST_WORKERS:-2}
 PARALLEL=()
 [[ $WORKERS == 0 ]] || PARALLEL=(-n "$WORKERS" --dist loadgroup)

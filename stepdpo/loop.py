@@ -61,9 +61,11 @@ class LoopOptions:
     min_steps: int | None = opt(None, "Problem file: only problems whose reference solution has at least N steps.")
     max_steps: int | None = opt(None, "Problem file: only problems with at most N reference steps (GSM8K: 2).")
     train_problems: int = opt(600, "Training problems (SFT data; mining uses the first --mine-problems).")
-    test_problems: int = opt(200, "Held-out problems (synth: generated, then any that also occur in training are "
-                             "dropped).")
-    validation_problems: int = opt(0, "Validation problems, carved from the training data (0: none).")
+    test_problems: float = opt(200, "Held-out problems: a count (synth: generated, then any that also occur in "
+                               "training are dropped), or for a problem file a fraction below 1 of the problems it "
+                               "selects, so a recipe fits files of any size.")
+    validation_problems: float = opt(0, "Validation problems, carved from the training data (0: none): a count, or "
+                                     "for a problem file a fraction below 1.")
     split_seed: int = opt(0, "Problem file: seed of the split.")
     evaluate: str = opt("test", "Where accuracy is measured: test (the held-out problems) or validation (to choose "
                         "settings on; needs --validation-problems).", choices=("test", "validation"))
@@ -134,9 +136,19 @@ class LoopOptions:
         check(self.batch % self.gradient_accumulation == 0, "gradient_accumulation", "must divide --batch")
         check(self.dpo_steps >= 1 and self.mine_problems >= 1 and self.train_problems >= 1, "dpo_steps",
               "--dpo-steps, --mine-problems and --train-problems must be >= 1")
+        for name in ("test_problems", "validation_problems"):
+            value = getattr(self, name)
+            check(value >= 0 and (value < 1 or float(value).is_integer()), name,
+                  f"{value}: a whole count, or for a problem file a fraction below 1")
+            check(self.problems != "synth" or float(value).is_integer(), name,
+                  f"{value}: --problems synth generates a whole count of problems (fractions are for problem files)")
+            if float(value).is_integer():
+                setattr(self, name, int(value))
         if self.quick:
             for name, value in QUICK.items():
-                setattr(self, name, min(getattr(self, name), value) if name != "sft_steps" or self.sft_steps else 0)
+                now = getattr(self, name)
+                # a fraction of a problem file would be hundreds of problems: --quick takes its own few
+                setattr(self, name, value if 0 < now < 1 else min(now, value) if name != "sft_steps" or now else 0)
 
 
 # `--quick`: a few problems and steps, for CI (it proves the path works; its numbers mean nothing)
@@ -174,7 +186,7 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
     prompts = dict(chat_template=o.chat_template, system_prompt=o.system_prompt, instruction=o.instruction)
     common = dict(use_cpu=True, report_to="none", save_strategy="no", resume="never", seed=o.seed,
                   per_device_train_batch_size=o.batch // o.gradient_accumulation,
-                  gradient_accumulation_steps=o.gradient_accumulation, logging_steps=25,
+                  gradient_accumulation_steps=o.gradient_accumulation, logging_steps=5,
                   disable_tqdm=not o.progress, **prompts, **({"max_length": o.max_length} if o.max_length else {}))
     matched = dict(max_steps=o.dpo_steps, learning_rate=o.dpo_lr, lr_scheduler_type=o.lr_scheduler_type,
                    warmup_steps=o.warmup, **_peft(o.use_peft, o), **common)
@@ -235,6 +247,11 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
     return summary
 
 
+# Settings that change what a training stage reports, not what it trains: --reuse ignores them (a model trained
+# before the loop logged every 5 steps instead of 25 is the same model).
+NOT_TRAINING = frozenset({"logging_steps", "logging_first_step", "disable_tqdm", "report_to", "logging_dir"})
+
+
 def _train_once(config, run, reuse: bool) -> None:
     """Run a training stage, or with --reuse keep the model an earlier run left in its output_dir when it is complete
     and was trained with these settings (the saved config) from the same model and data (the fingerprint)."""
@@ -242,7 +259,7 @@ def _train_once(config, run, reuse: bool) -> None:
 
     final = Path(config.output_dir) / "final"
     if reuse and is_complete(final) and (final / RUN_CONFIG).is_file() and (final / FINGERPRINT).is_file():
-        saved = json.loads((final / RUN_CONFIG).read_text())
+        saved = {k: v for k, v in json.loads((final / RUN_CONFIG).read_text()).items() if k not in NOT_TRAINING}
         now = json.loads(json.dumps(config.to_dict(), default=str))
         if saved == {k: v for k, v in now.items() if k in saved} and \
                 json.loads((final / FINGERPRINT).read_text()) == run_fingerprint(config):

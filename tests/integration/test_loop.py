@@ -53,6 +53,11 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     trains DPO and the controls (which match DPO's rate) again."""
     run = two_runs[0] / "a"
     sft_weights = (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    # a model trained when the loop logged every 25 steps is the same model: reporting settings do not count
+    config = run / "sft" / "final" / "stepdpo_config.json"
+    saved = json.loads(config.read_text())
+    assert saved["logging_steps"] == 5
+    config.write_text(json.dumps(dict(saved, logging_steps=25, disable_tqdm=not saved["disable_tqdm"])))
     _loop(run, *REDUCED, "--reuse", "--controls", "sft", "--dpo-lr", "1e-4")
     log = (run / "loop.log").read_text()
     assert (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights

@@ -1,0 +1,143 @@
+"""What a loop run did, beyond its accuracies: the evidence for reading a result (README "The loop on a real model").
+
+    .venv/bin/python -m benchmarks.loop_analysis runs/loop-arith-validation [--json OUT.json]
+
+For a run directory of `stepdpo loop` it reports
+- the locator (mine/report.json, mine/pairs.jsonl): samples, their accuracy, wrong samples located, pairs, and at
+  which step the errors were found;
+- pair quality on the real errors, by an arithmetic check of every `a op b = c` in a step: a pair is clean when its
+  prefix holds no false equation, its chosen step no false equation, and its rejected step at least one. This reads
+  the intermediate steps only; answers are graded by math-verify (`stepdpo grade`), never here;
+- each model's greedy solutions (answers_*/samples.jsonl): the share of false equations among the equations they
+  write, steps per solution, and how many end without a stated answer;
+- the learning curves of the DPO stage and the controls (train_summary.json / sft_summary.json: every logged step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from fractions import Fraction
+from pathlib import Path
+
+# a op b = c with integers or decimals; ×, x and ÷ as models write them
+_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/×x÷])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+MODELS = {"A0": "answers_before", "A1": "answers_after", "sft": "answers_control_sft", "rft": "answers_control_rft",
+          "sft_at_sft_lr": "answers_control_sft_at_sft_lr"}
+STAGES = {"dpo": "dpo/train_summary.json", "sft": "control_sft/sft_summary.json",
+          "rft": "control_rft/sft_summary.json"}
+
+
+def equations(text: str) -> list[bool]:
+    """Every `a op b = c` in the text, as True where it holds (exactly, in rationals) and False where it does not."""
+    verdicts = []
+    for a, op, b, c in _EQUATION.findall(text):
+        x, y, z = Fraction(a), Fraction(b), Fraction(c)
+        if op in "/÷":
+            verdicts.append(y != 0 and x / y == z)
+        else:
+            verdicts.append({"+": x + y, "-": x - y}.get(op, x * y) == z)
+    return verdicts
+
+
+def step_verdict(step: str) -> str:
+    """'wrong' (a false equation), 'right' (equations, all true) or 'none' (no equation to check)."""
+    v = equations(step)
+    return "none" if not v else "right" if all(v) else "wrong"
+
+
+def pair_quality(pairs: list[dict]) -> dict:
+    counts = {"pairs": len(pairs), "clean": 0, "prefix_wrong": 0, "chosen_wrong": 0, "rejected_not_wrong": 0,
+              "rejected_unchecked": 0}
+    for p in pairs:
+        prefix_bad = any(step_verdict(s) == "wrong" for s in p["prefix_steps"])
+        chosen = step_verdict(" ".join(p["chosen_steps"]))
+        rejected = step_verdict(" ".join(p["rejected_steps"]))
+        counts["prefix_wrong"] += prefix_bad
+        counts["chosen_wrong"] += chosen == "wrong"
+        counts["rejected_not_wrong"] += rejected == "right"
+        counts["rejected_unchecked"] += rejected == "none"
+        counts["clean"] += not prefix_bad and chosen != "wrong" and rejected == "wrong"
+    return counts
+
+
+def solutions(path: Path) -> dict:
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    verdicts = [v for r in rows for v in equations(r["text"])]
+    return {"solutions": len(rows), "equations": len(verdicts), "false_equations": verdicts.count(False),
+            "false_share": round(verdicts.count(False) / len(verdicts), 4) if verdicts else None,
+            "steps_per_solution": round(sum(len(r["steps"]) for r in rows) / len(rows), 2) if rows else None,
+            "no_answer_line": sum(1 for r in rows if "answer is" not in r["text"].lower())}
+
+
+CURVE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "learning_rate")
+
+
+def curve(path: Path) -> list[dict]:
+    history = json.loads(path.read_text())["log_history"]
+    return [{k: round(h[k], 4) if isinstance(h[k], float) else h[k] for k in ("step", *CURVE_KEYS) if k in h}
+            for h in history if "loss" in h]
+
+
+def analyse(run: str | Path) -> dict:
+    run = Path(run)
+    out: dict = {"run": str(run)}
+    report = run / "mine" / "report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        out["locator"] = {k: r.get(k) for k in ("problems", "samples", "sample_accuracy", "solved_solutions",
+                                                 "wrong_examined", "errors_located", "pairs", "problems_with_pairs",
+                                                 "generations", "located_before_first_zero")}
+    pairs_file = run / "mine" / "pairs.jsonl"
+    if pairs_file.is_file():
+        pairs = [json.loads(x) for x in pairs_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+        out["pair_quality"] = pair_quality(pairs)
+        steps: dict[int, int] = {}
+        for p in pairs:
+            k = p["source"][0].get("error_step")
+            steps[k] = steps.get(k, 0) + 1
+        out["error_step"] = {str(k): v for k, v in sorted(steps.items())}
+    out["solutions"] = {name: solutions(run / d / "samples.jsonl") for name, d in MODELS.items()
+                        if (run / d / "samples.jsonl").is_file()}
+    out["curves"] = {name: curve(run / f) for name, f in STAGES.items() if (run / f).is_file()}
+    return out
+
+
+def render(a: dict) -> str:
+    lines = [f"# {a['run']}"]
+    if "locator" in a:
+        lines.append("locator: " + ", ".join(f"{k} {v}" for k, v in a["locator"].items()))
+    if "pair_quality" in a:
+        q = a["pair_quality"]
+        lines.append(f"pairs: {q['pairs']}, clean by the arithmetic check {q['clean']}; prefix with a false equation "
+                     f"{q['prefix_wrong']}, chosen false {q['chosen_wrong']}, rejected true {q['rejected_not_wrong']}, "
+                     f"rejected with no equation {q['rejected_unchecked']}; error at step {a['error_step']}")
+    for name, s in a["solutions"].items():
+        lines.append(f"{name}: {s['false_equations']} of {s['equations']} equations false ({s['false_share']}), "
+                     f"{s['steps_per_solution']} steps per solution, {s['no_answer_line']} without an answer line")
+    for name, points in a["curves"].items():
+        lines.append(f"{name} curve: " + "; ".join(
+            " ".join(f"{k.split('/')[-1]} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items()
+                     if k != "learning_rate") for p in points))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a `stepdpo loop` output directory")
+    parser.add_argument("--json", help="also write the analysis here")
+    a = parser.parse_args(argv)
+    if not (Path(a.run) / "summary.json").is_file() and not (Path(a.run) / "mine").is_dir():
+        raise SystemExit(f"benchmarks.loop_analysis: {a.run} is not a `stepdpo loop` output directory (no summary.json "
+                         "or mine/); pass the --out of a loop run")
+    result = analyse(a.run)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(render(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""benchmarks.loop_analysis: the arithmetic check that reads a loop run's pairs and solutions (hand-computed cases)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.loop_analysis import analyse, equations, pair_quality, step_verdict
+
+
+def test_equations_are_checked_exactly():
+    assert equations("9 + 17 = 26, then 26 * 2 = 52") == [True, True]
+    assert equations("47 + 38 = 114") == [False]
+    assert equations("1. 9 - 4 = 6") == [False]  # SmolLM2 numbers its lines: the 1. is not an operand
+    assert equations("7 / 2 = 3.5 and 3 x 4 = 12 and 5 ÷ 0 = 0") == [True, True, False]
+    assert equations("The answer is 33.") == []
+    assert [step_verdict(s) for s in ("3 * 4 = 12", "3 * 4 = 13", "so we add them")] == ["right", "wrong", "none"]
+
+
+def _pair(prefix, chosen, rejected):
+    return {"prefix_steps": prefix, "chosen_steps": [chosen], "rejected_steps": [rejected]}
+
+
+def test_a_pair_is_clean_when_only_its_rejected_step_is_false():
+    pairs = [_pair([], "9 - 4 = 5", "9 - 4 = 4"),                  # clean
+             _pair(["2 + 2 = 5"], "5 + 1 = 6", "5 + 1 = 7"),       # a false equation in the prefix
+             _pair([], "6 + 2 = 9", "6 + 2 = 7"),                  # both false: the chosen one too
+             _pair([], "6 + 2 = 8", "6 * 2 = 12"),                 # rejected is true (a wrong operation, unchecked)
+             _pair([], "6 + 2 = 8", "is 8")]                       # nothing to check in the rejected step
+    assert pair_quality(pairs) == {"pairs": 5, "clean": 1, "prefix_wrong": 1, "chosen_wrong": 1,
+                                   "rejected_not_wrong": 1, "rejected_unchecked": 1}
+
+
+def test_a_run_directory_is_read_as_the_loop_writes_it(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "pairs.jsonl").write_text(json.dumps(
+        {**_pair([], "9 - 4 = 5", "9 - 4 = 4"), "source": [{"error_step": 1}]}) + "\n")
+    (tmp_path / "answers_before").mkdir()
+    rows = [{"text": "1 + 6 = 7\n7 + 2 = 10\nThe answer is 10.", "steps": ["1 + 6 = 7", "7 + 2 = 10", "x"]},
+            {"text": "5 * 3 = 15", "steps": ["5 * 3 = 15"]}]
+    (tmp_path / "answers_before" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "train_summary.json").write_text(json.dumps({"log_history": [
+        {"loss": 0.69, "rewards/margins": 0.0, "step": 5}, {"train_runtime": 1.0, "step": 5}]}))
+    a = analyse(tmp_path)
+    assert a["pair_quality"]["clean"] == 1 and a["error_step"] == {"1": 1}
+    assert a["solutions"] == {"A0": {"solutions": 2, "equations": 3, "false_equations": 1, "false_share": 0.3333,
+                                     "steps_per_solution": 2.0, "no_answer_line": 1}}
+    assert a["curves"] == {"dpo": [{"step": 5, "loss": 0.69, "rewards/margins": 0.0}]}
