@@ -44,7 +44,8 @@ def record(summary: dict, task: str, quick: bool, overrides: list[str], note: st
             "note": note, "machine": machine(), "wall_s": round(wall, 1),
             "eval_problems": summary["task"]["eval_problems"], "mined_pairs": summary["mined_pairs"],
             "accuracy": summary["accuracy"], "paired_tests": summary["paired_tests"],
-            "generations": summary["generations"], "seconds": summary["seconds"], "settings": summary["settings"]}
+            "generations": summary["generations"], "seconds": summary["seconds"], "settings": summary["settings"],
+            **({"stopped": summary["stopped"]} if "stopped" in summary else {})}
 
 
 def render(doc: dict) -> str:
@@ -72,7 +73,9 @@ def render(doc: dict) -> str:
         lines.append(f"| {i} | {r['task']} | {r['evaluate']} ({r['eval_problems']}) | `{changed}` | "
                      f"{r['mined_pairs']} | {cell(r, 'A0')} | {cell(r, 'A1')} | {cell(r, 'sft')} | {cell(r, 'rft')} | "
                      f"{p(r, 'A0')} | {p(r, 'sft')} | {p(r, 'rft')} | {r['wall_s'] / 60:.0f} |")
-    notes = [f"- run {i}: {r['note']}" for i, r in enumerate(runs, 1) if r.get("note")]
+    notes = [f"- run {i}: " + " ".join(x for x in (r.get("note"), r.get("stopped") and f"(stopped: {r['stopped']})")
+                                       if x)
+             for i, r in enumerate(runs, 1) if r.get("note") or r.get("stopped")]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -116,19 +119,23 @@ def main(argv: list[str] | None = None) -> int:
                              "STEPDPO_REALDATA (the folder holding gsm8k/train.jsonl)")
         cmd += ["--problems", str(problems)]
     cmd += (["--quick"] if a.quick else []) + (["--backend", a.backend] if a.backend else []) + list(a.overrides)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, env=env)
+    path = Path(out) / "summary.json"
     if res.returncode != 0:
-        return res.returncode
-    summary = json.loads((Path(out) / "summary.json").read_text())
+        # a run that stopped (mine found no pair) wrote what it measured: on record too; any other failure is not a
+        # run (and a summary.json older than this run is an earlier run's)
+        if not (path.is_file() and path.stat().st_mtime >= started and "stopped" in json.loads(path.read_text())):
+            return res.returncode
+    summary = json.loads(path.read_text())
     results = Path(a.results)
     doc = json.loads(results.read_text()) if results.is_file() else {"runs": []}
     doc["runs"].append(record(summary, a.task, a.quick, list(a.overrides), a.note, time.perf_counter() - start))
     results.write_text(json.dumps(doc, indent=2) + "\n")
     if results == RESULTS and not a.quick:
         write_results_md()
-    return 0
+    return res.returncode
 
 
 if __name__ == "__main__":

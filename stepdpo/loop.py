@@ -218,8 +218,14 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
                                      batch_size=o.generate_batch, seed=o.seed, backend="vllm" if urls else "hf",
                                      url=urls, progress=o.progress, **prompts))
         if not mined["pairs"]:
-            raise LoopError(f"mine found no pair in {mined['problems']} training problems (sample accuracy "
-                            f"{mined['sample_accuracy']:.3f}); more --mine-problems, --samples or --max-wrong")
+            # what was measured stays on record: A0 and the mining report, with why the loop stopped
+            stopped = (f"mine found no pair in {mined['problems']} training problems (sample accuracy "
+                       f"{mined['sample_accuracy']:.3f}); more --mine-problems, --samples or --max-wrong, or a "
+                       "policy that solves more of them (more --sft-steps)")
+            servers.stop()
+            summary = _summary(o, files, results, mined, times, stopped=stopped)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            raise LoopError(f"{stopped}; A0 and the mining report are in {out / 'summary.json'}")
         with console.stage("train (stepwise DPO)", times):
             servers.stop()  # an idle vLLM CPU server still takes a core and gigabytes from training
             _train_once(StepwiseDPOConfig(model_name_or_path=str(policy),
@@ -364,7 +370,7 @@ NAMES = {"A0": "A0: the policy before (after sft)", "A1": "A1: + mine + stepwise
          "sft_at_sft_lr": "control: SFT steps at the SFT stage's learning rate"}
 
 
-def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dict) -> dict:
+def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dict, stopped: str | None = None) -> dict:
     from stepdpo.stats import accuracy_summary, paired_comparison
 
     accuracy = {}
@@ -372,7 +378,7 @@ def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dic
         accuracy[name] = {**accuracy_summary(list(r["correct"].values())), "invalid": r["report"]["invalid"],
                           "what": NAMES[name]}
     paired = {f"A1_vs_{name}": paired_comparison(results["A1"]["correct"], results[name]["correct"])
-              for name in results if name != "A1"}
+              for name in results if name != "A1" and "A1" in results}
     mine_report = {k: v for k, v in mined.items() if k not in ("stages", "vllm")}
     seconds = {"stages": times, "total": round(sum(times.values()), 2), "mine": mined.get("stages", {})}
     settings = dataclasses.asdict(o)
@@ -385,7 +391,8 @@ def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dic
         "accuracy": accuracy,
         "paired_tests": paired,
         # the demo's summary keys, kept for its readers: before = A0, after = A1, control = the SFT control
-        "answer_accuracy": {"before": accuracy["A0"]["accuracy"], "after": accuracy["A1"]["accuracy"],
+        "answer_accuracy": {"before": accuracy["A0"]["accuracy"],
+                            **({"after": accuracy["A1"]["accuracy"]} if "A1" in accuracy else {}),
                             **({"control": accuracy["sft"]["accuracy"]} if "sft" in accuracy else {})},
         "mined_pairs": mined["pairs"],
         "generations": {"mine": mined["generations"],
@@ -394,6 +401,8 @@ def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dic
         "backend": o.backend,
         "settings": settings,
         "seconds": seconds,
+        # a run that could not finish says why (it has A0 and the mining report, no A1 and no controls)
+        **({"stopped": stopped} if stopped else {}),
     }
 
 

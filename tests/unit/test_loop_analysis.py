@@ -46,3 +46,15 @@ def test_a_run_directory_is_read_as_the_loop_writes_it(tmp_path):
     assert a["solutions"] == {"A0": {"solutions": 2, "equations": 3, "false_equations": 1, "false_share": 0.3333,
                                      "steps_per_solution": 2.0, "no_answer_line": 1}}
     assert a["curves"] == {"dpo": [{"step": 5, "loss": 0.69, "rewards/margins": 0.0}]}
+
+
+def test_the_results_table_shows_a_stopped_run_and_why():
+    from benchmarks.loop import render
+
+    a0 = {"accuracy": 0.02, "ci95": [0.01, 0.05]}
+    doc = {"runs": [{"quick": False, "task": "gsm8k", "evaluate": "validation", "eval_problems": 150, "overrides": [],
+                     "mined_pairs": 0, "accuracy": {"A0": a0}, "paired_tests": {}, "wall_s": 600.0, "note": "",
+                     "stopped": "mine found no pair in 120 training problems"}]}
+    table = render(doc)
+    assert "| 1 | gsm8k | validation (150) | `as shipped` | 0 | 0.020 [0.01, 0.05] | - | - | - | - | - | - | 10 |" in table
+    assert "- run 1: (stopped: mine found no pair in 120 training problems)" in table
