@@ -78,6 +78,13 @@ def render(doc: dict) -> str:
              for i, r in enumerate(runs, 1) if r.get("note") or r.get("stopped")]
     if notes:
         lines += ["", *notes]
+    # configurations tried whose run did not finish (no summary.json to record): entered by hand in
+    # loop_results.json's "unfinished" list, so that every configuration tried is on the record
+    unfinished = doc.get("unfinished", [])
+    if unfinished:
+        lines += ["", "Tried, not finished (what was measured before the run stopped; not in the table):"]
+        lines += [f"- {u['task']}, {u['evaluate']}, `{' '.join(u['overrides']) or 'as shipped'}` ({u['date']}): "
+                  f"{u['measured']}" for u in unfinished]
     return "\n".join(lines) + "\n"
 
 

@@ -99,7 +99,7 @@ def resume_point(config) -> str | None:
 
 
 def train(config, trainer_cls=None) -> dict:
-    from stepdpo.train.checkpoint import mark_complete, save_run_config
+    from stepdpo.train.checkpoint import mark_complete, save_fingerprint, save_run_config
     from stepdpo.train.trainer import install_preemption_signal
 
     install_preemption_signal()
@@ -124,6 +124,9 @@ def train(config, trainer_cls=None) -> dict:
         if trainer.is_world_process_zero():
             trainer.processing_class.save_pretrained(str(final))
             save_run_config(config, final)
+            # what it was trained from, as sft's final and every checkpoint record: `stepdpo loop --reuse` keeps a
+            # final model only when this matches (without it the DPO stage was retrained on every --reuse)
+            save_fingerprint(config, final)
             mark_complete(final)
     if trainer.is_world_process_zero():
         out = Path(config.output_dir)

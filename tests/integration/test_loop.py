@@ -67,6 +67,15 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     assert set(s["accuracy"]) == {"A0", "A1", "sft"}
     saved = json.loads((run / "control_sft" / "final" / "stepdpo_config.json").read_text())
     assert saved["learning_rate"] == 1e-4
+    # the same settings measured on the validation problems (the README's protocol: choose there, then measure the
+    # test problems with --reuse): every trained model is kept, DPO's included, and only answers are generated
+    weights = {stage: (run / stage / "final" / "model.safetensors").stat().st_mtime_ns
+               for stage in ("sft", "dpo", "control_sft")}
+    res = _loop(run, *REDUCED, "--reuse", "--controls", "sft", "--dpo-lr", "1e-4", "--evaluate", "validation")
+    assert {stage: (run / stage / "final" / "model.safetensors").stat().st_mtime_ns for stage in weights} == weights
+    this_run = res.stdout + (run / "loop.log").read_text().split("===== loop: model")[-1]
+    assert all(f"reused {run / stage / 'final'}" in this_run for stage in weights), this_run[-3000:]
+    assert json.loads((run / "summary.json").read_text())["task"]["evaluate"] == "validation"
 
 
 def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):

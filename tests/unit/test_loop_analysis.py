@@ -58,3 +58,15 @@ def test_the_results_table_shows_a_stopped_run_and_why():
     table = render(doc)
     assert "| 1 | gsm8k | validation (150) | `as shipped` | 0 | 0.020 [0.01, 0.05] | - | - | - | - | - | - | 10 |" in table
     assert "- run 1: (stopped: mine found no pair in 120 training problems)" in table
+
+
+def test_the_results_table_lists_configurations_that_did_not_finish():
+    from benchmarks.loop import render
+
+    attempt = {"task": "arith", "evaluate": "validation", "overrides": ["--mine_problems", "480"],
+               "date": "2026-12-05", "measured": "A0 0.309; 156 pairs; lost during DPO"}
+    doc = {"runs": [], "unfinished": [attempt]}
+    table = render(doc)
+    assert ("- arith, validation, `--mine_problems 480` (2026-12-05): A0 0.309; 156 pairs; lost during DPO"
+            in table.split("Tried, not finished")[1])
+    assert "Tried, not finished" not in render({"runs": []})
