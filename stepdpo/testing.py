@@ -35,7 +35,10 @@ class VLLMServer:
         self._log = None  # this start's log file
 
     def start(self) -> "VLLMServer":
-        env = dict(os.environ, VLLM_PYTHON=str(VLLM_PYTHON), HEALTH_TIMEOUT="300")
+        # 300 s is several times a start on a quiet 2-core machine; a loaded one may take longer (a loop's
+        # evaluation died so beside two other jobs): HEALTH_TIMEOUT in the environment overrides it
+        env = dict(os.environ, VLLM_PYTHON=str(VLLM_PYTHON))
+        env.setdefault("HEALTH_TIMEOUT", "300")
         env.pop("HF_HUB_OFFLINE", None)  # vLLM checks the hub for local dirs too; it is offline anyway
         env["HF_HUB_OFFLINE"] = "1"
         self._close()
@@ -47,7 +50,8 @@ class VLLMServer:
         )
         return self
 
-    def wait(self, timeout: float = 330) -> "VLLMServer":
+    def wait(self, timeout: float | None = None) -> "VLLMServer":
+        timeout = timeout if timeout is not None else int(os.environ.get("HEALTH_TIMEOUT", "300")) + 30
         deadline = time.monotonic() + timeout
         line = self.proc.stdout.readline().decode().strip()  # the script prints the URL once healthy
         if line != self.url:
