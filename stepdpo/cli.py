@@ -349,6 +349,11 @@ def _setup_logging() -> None:
     # huggingface_hub's HTTP client logs every request at INFO (a line per file downloaded, per preflight)
     for name in ("httpx2", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes 0.50 warns at import, on CPUs with AVX512-BF16 only, that it could not fetch an optional faster
+    # CPU kernel from the hub ('Failed to load CPU gemm_4bit_forward from kernels-community'); it falls back to its
+    # own, and training keeps its generic layout anyway (train.modeling.generic_4bit_on_cpu). Printed on every
+    # command that imports it, it made `stepdpo check`'s messages machine-dependent (README: library warnings).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

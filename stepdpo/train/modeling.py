@@ -137,6 +137,8 @@ def load_model(args, token: str | None = None, for_training: bool = True):
     if args.device_map is not None:  # refused under ZeRO-3 by check_compatibility
         kwargs["device_map"] = args.device_map
     model = load_pretrained(cls, name, **kwargs)
+    if quant is not None and for_training:
+        generic_4bit_on_cpu(model)
     if quant is not None and for_training and zero_stage(args) != 3:
         # Single-process / DDP QLoRA: PEFT's usual preparation (norms and embeddings upcast to fp32 for
         # stability). Not under ZeRO-3: PEFT's documented z3-QLoRA recipe loads with dtype equal to the quant
@@ -153,6 +155,22 @@ def load_model(args, token: str | None = None, for_training: bool = True):
             gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs or {"use_reentrant": False},
         )
     return model, lora_config(args, encoder_decoder)
+
+
+def generic_4bit_on_cpu(model) -> int:
+    """Keep bitsandbytes' 4-bit layers on their generic CPU kernels while training. On a CPU with AVX512-BF16,
+    bitsandbytes 0.50's Linear4bit repacks its weight in place, into a layout of its own, the first time it runs
+    in eval mode without gradients (the trainer's evaluation), and its state_dict() unpacks it again; under ZeRO-3
+    that unpacking meets a weight that is no longer uint8 (`assert packed_weight.dtype == torch.uint8` in
+    _convert_weight_packed_for_cpu_inverse) and the run dies when it saves, on those CPUs only: the SLURM QLoRA
+    ZeRO-3 pipeline failed on an AMD EPYC with AVX512-BF16 and passed on a Xeon without. (bitsandbytes
+    nn/modules.py, Linear4bit.forward and _save_to_state_dict.) A no-op on GPUs. Returns how many layers it set."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 # Module attributes that hold a dropout probability as a plain float (read at forward time), e.g. T5Attention's

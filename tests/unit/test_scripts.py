@@ -87,7 +87,8 @@ def test_loop_without_sft_or_rft_jobs_does_not_resolve_the_sft_recipe(tmp_path):
     res = subprocess.run(["bash", str(REPO / "slurm/loop.sh"), "--run-dir", str(tmp_path / "run"), "--model", "m",
                           "--problems", str(tmp_path / "p.jsonl"), "--skip-sft", "--sft-recipe",
                           str(tmp_path / "no-such-dir" / "sft.yaml"), "--dry-run"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=300)  # a hang guard: `stepdpo check` took >60 s
+    # on a 2-core machine running two other jobs
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[0].split() == ["mine1=<mine1>", "train1=<train1>", "mine2=<mine2>", "train2=<train2>"]
     assert "No such file" not in res.stderr and res.stderr.count("sbatch --parsable") == 4

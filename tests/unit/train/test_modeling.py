@@ -54,3 +54,26 @@ def test_reentrant_checkpointing_only_for_peft_under_zero3(stage, peft, on, kwar
     a = args(stage, activation_checkpointing=on, activation_checkpointing_kwargs=kwargs)
     reentrant_checkpointing_for_peft_zero3(a, object(), peft_config=object() if peft else None)
     assert a.activation_checkpointing_kwargs == expected
+
+
+def test_4bit_layers_keep_their_layout_through_an_evaluation_on_any_cpu():
+    """bitsandbytes repacks a Linear4bit's weight in place on AVX512-BF16 CPUs during a no-grad eval forward, and a
+    ZeRO-3 save then fails unpacking it (the SLURM QLoRA pipeline on an AMD EPYC): training keeps the generic
+    layout, so a trainer's evaluation leaves the weight as it was on every CPU. On a CPU without AVX512-BF16 the
+    layer is already generic (nothing to set)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+    from bitsandbytes.functional import has_avx512bf16
+
+    from stepdpo.train.modeling import generic_4bit_on_cpu
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    model = torch.nn.Sequential(layer)
+    before = layer.weight.data.clone()
+    assert generic_4bit_on_cpu(model) == (1 if has_avx512bf16() else 0)
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 64))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(layer.weight.data, before)
+    assert torch.equal(model.state_dict()["0.weight"], before)
