@@ -425,5 +425,15 @@ def _quiet_broken_pipe() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+def entry() -> None:
+    """The `stepdpo` command (and `python -m stepdpo.cli`): main, then the end of a training process when a stage
+    ran under torch.distributed (`accelerate launch $(which stepdpo) train ...`; see end_process)."""
+    code = main()
+    trainer = sys.modules.get("stepdpo.train.trainer")  # loaded only when a training stage ran
+    if trainer is not None:
+        trainer.end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -100,7 +100,7 @@ def resume_point(config) -> str | None:
 
 def train(config, trainer_cls=None) -> dict:
     from stepdpo.train.checkpoint import mark_complete, save_fingerprint, save_run_config
-    from stepdpo.train.trainer import install_preemption_signal
+    from stepdpo.train.trainer import finished_on_every_rank, install_preemption_signal
 
     install_preemption_signal()
     resume = resume_point(config)  # before any model loads: a checkpoint of another run fails here
@@ -133,6 +133,7 @@ def train(config, trainer_cls=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     trainer.accelerator.wait_for_everyone()
+    finished_on_every_rank()
     return summary
 
 
@@ -152,5 +153,6 @@ def train_main(config) -> dict:
 
 if __name__ == "__main__":  # `accelerate launch -m stepdpo.train.run --config R.yaml ...`
     from stepdpo.cli import main
+    from stepdpo.train.trainer import end_process
 
-    sys.exit(main(["train", *sys.argv[1:]]))
+    end_process(main(["train", *sys.argv[1:]]))

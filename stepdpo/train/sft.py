@@ -187,6 +187,7 @@ def sft_main(config) -> dict:
     from stepdpo.auth import preflight_for_training
     from stepdpo.train.checkpoint import mark_complete, save_fingerprint, save_run_config
     from stepdpo.train.run import resume_point
+    from stepdpo.train.trainer import finished_on_every_rank
 
     if not config.model_name_or_path or not config.train_data:
         raise OptionsError("--model_name_or_path and --train_data are required (in the recipe or on the command line)")
@@ -206,6 +207,7 @@ def sft_main(config) -> dict:
         mark_complete(final)
         (Path(config.output_dir) / "sft_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     trainer.accelerator.wait_for_everyone()
+    finished_on_every_rank()
     return summary
 
 
@@ -227,5 +229,6 @@ def _sft_trainer_class():
 
 if __name__ == "__main__":  # `accelerate launch -m stepdpo.train.sft --config R.yaml ...`
     from stepdpo.cli import main
+    from stepdpo.train.trainer import end_process
 
-    sys.exit(main(["sft", *sys.argv[1:]]))
+    end_process(main(["sft", *sys.argv[1:]]))

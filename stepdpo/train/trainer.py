@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import signal
+import sys
+from typing import NoReturn
 
 import torch
 from datasets import Dataset
@@ -178,6 +180,52 @@ def install_preemption_signal(signum: int = signal.SIGUSR1) -> None:
         _PREEMPT_SIGNAL_SEEN = True
 
     signal.signal(signum, handler)
+
+
+_FINISHED_UNDER_GROUP = []
+
+
+def finished_on_every_rank() -> bool:
+    """Record that a training stage returned on every rank of a torch.distributed group (call it after the
+    stage's last barrier), so that `end_process` ends this process without the interpreter's teardown. Returns
+    whether there is a group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        _FINISHED_UNDER_GROUP.append(True)
+        return True
+    return False
+
+
+def end_process(code: int = 0) -> NoReturn:
+    """The end of a training process (`python -m stepdpo.train.run`, `... .sft`, the `stepdpo` command): after a
+    stage that finished on every rank of a process group, destroy the group, run the atexit handlers (log
+    files, writers), flush, and leave with os._exit, skipping the interpreter's teardown; otherwise sys.exit.
+
+    Why: gloo's worker threads free the work objects of the last collectives on their own, and a barrier's work
+    frees the earlier all-gathers' tensors, whose Python objects need the GIL. When that lands after the
+    interpreter began finalizing, Python ends the thread with pthread_exit, the unwinding meets a noexcept
+    destructor and the rank dies with `terminate called without an active exception` (SIGABRT), so the launch
+    fails after a run that saved everything (core file: ~AsyncBarrierWork -> ~AsyncAllgatherWork ->
+    TensorImpl::decref_pyobject -> gil_scoped_acquire -> PyThread_exit_thread). It hit 1 in ~10 two-process
+    ZeRO-3 launches on 2 loaded cores. destroy_process_group alone does not stop it: DeepSpeed and accelerate
+    still hold the groups, so their threads live on. pytorch/pytorch#179291 (an atexit destroy, abandoned
+    upstream as insufficient) and #190489."""
+    if _FINISHED_UNDER_GROUP:
+        import atexit
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        atexit._run_exitfuncs()  # what a normal exit would run, while the interpreter is whole
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):

@@ -36,4 +36,7 @@ if __name__ == "__main__":
 
     argv = sys.argv[1:]
     atexit.register(_write, Path(argv[argv.index("--output_dir") + 1]))
-    sys.exit(main([os.environ.get("STEPDPO_SPY_STAGE", "train"), *argv]))
+    code = main([os.environ.get("STEPDPO_SPY_STAGE", "train"), *argv])
+    from stepdpo.train.trainer import end_process  # after main: this module must load before transformers
+
+    end_process(code)

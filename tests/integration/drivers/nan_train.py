@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from stepdpo.train.run import parse_config, train
-from stepdpo.train.trainer import StepwiseDPOTrainer
+from stepdpo.train.trainer import StepwiseDPOTrainer, end_process
 
 NAN_AT_STEP = 1  # state.global_step during the second optimizer step
 
@@ -49,3 +49,4 @@ class NaNTrainer(StepwiseDPOTrainer):
 
 if __name__ == "__main__":
     train(parse_config(sys.argv[1:]), trainer_cls=NaNTrainer)
+    end_process(0)

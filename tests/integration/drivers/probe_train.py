@@ -15,7 +15,7 @@ import torch
 # first: it wraps torch's checkpoint before transformers binds it
 from tests.integration.drivers import checkpoint_spy  # noqa: I001
 from stepdpo.train.run import parse_config, train
-from stepdpo.train.trainer import StepwiseDPOTrainer
+from stepdpo.train.trainer import StepwiseDPOTrainer, end_process
 
 PROBE = "Problem: Start with 3. Add 4.\nSolution:\n3 + 4 = 7"
 
@@ -56,3 +56,4 @@ class ProbeTrainer(StepwiseDPOTrainer):
 
 if __name__ == "__main__":
     train(parse_config(sys.argv[1:]), trainer_cls=ProbeTrainer)
+    end_process(0)

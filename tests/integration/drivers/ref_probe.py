@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from stepdpo.train.run import parse_config, train
-from stepdpo.train.trainer import EXTRA_KEYS, StepwiseDPOTrainer
+from stepdpo.train.trainer import EXTRA_KEYS, StepwiseDPOTrainer, end_process
 
 
 class RefProbeTrainer(StepwiseDPOTrainer):
@@ -42,3 +42,4 @@ assert "pair_index" in EXTRA_KEYS  # current_pair_ids reads the batch's pair ind
 
 if __name__ == "__main__":
     train(parse_config(sys.argv[1:]), trainer_cls=RefProbeTrainer)
+    end_process(0)
