@@ -182,17 +182,18 @@ def install_preemption_signal(signum: int = signal.SIGUSR1) -> None:
     signal.signal(signum, handler)
 
 
-_FINISHED_UNDER_GROUP = []
+_FINISHED_UNDER_GROUP = False
 
 
 def finished_on_every_rank() -> bool:
     """Record that a training stage returned on every rank of a torch.distributed group (call it after the
     stage's last barrier), so that `end_process` ends this process without the interpreter's teardown. Returns
     whether there is a group."""
+    global _FINISHED_UNDER_GROUP
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        _FINISHED_UNDER_GROUP.append(True)
+        _FINISHED_UNDER_GROUP = True
         return True
     return False
 

@@ -100,19 +100,21 @@ def test_qlora_under_zero3_saves_an_adapter_that_reloads(tiny_mistral, synth_pai
     # plain transformers + peft, one process, no DeepSpeed: the same logits as the trained model
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_mistral, quantization_config=quant, dtype=torch.float32)
-    # the kernels training used: on a CPU with AVX512-BF16, bitsandbytes' eval path repacks the weight and computes
-    # through another kernel whose logits differ by ~2e-3 (see generic_4bit_on_cpu); same weights, other rounding
-    generic_4bit_on_cpu(base)
-    model = PeftModel.from_pretrained(base, adapter).eval()
+
+    def quantized_base():
+        base = AutoModelForCausalLM.from_pretrained(tiny_mistral, quantization_config=quant, dtype=torch.float32)
+        # the kernels training used: on a CPU with AVX512-BF16, bitsandbytes' eval path repacks the weight and
+        # computes through another kernel whose logits differ by ~2e-3 (see generic_4bit_on_cpu); same weights
+        generic_4bit_on_cpu(base)
+        return base
+
+    model = PeftModel.from_pretrained(quantized_base(), adapter).eval()
     tok = AutoTokenizer.from_pretrained(tiny_mistral)
     ids = tok(PROBE, return_tensors="pt")
     with torch.no_grad():
         logits = model(**ids).logits.float()
     trained = torch.load(tmp_path / "probe_logits.pt")
-    base = AutoModelForCausalLM.from_pretrained(tiny_mistral, quantization_config=quant, dtype=torch.float32)
-    generic_4bit_on_cpu(base)
-    base_logits = base(**ids).logits.float()
+    base_logits = quantized_base()(**ids).logits.float()
     assert not torch.allclose(trained, base_logits, atol=1e-4)  # training moved the adapter
     assert torch.allclose(logits, trained, atol=1e-4), (logits - trained).abs().max()
 
