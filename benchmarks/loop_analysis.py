@@ -5,9 +5,10 @@
 For a run directory of `stepdpo loop` it reports
 - the locator (mine/report.json, mine/pairs.jsonl): samples, their accuracy, wrong samples located, pairs, and at
   which step the errors were found;
-- pair quality on the real errors, by an arithmetic check of every `a op b = c` in a step: a pair is clean when its
-  prefix holds no false equation, its chosen step no false equation, and its rejected step at least one. This reads
-  the intermediate steps only; answers are graded by math-verify (`stepdpo grade`), never here;
+- pair quality on the real errors, by the project's equation check (stepdpo.generate.equations, the one `stepdpo
+  mine --locate equations` uses): a pair is clean when its prefix holds no false equation, its chosen step no false
+  equation, and its rejected step at least one. This reads the intermediate steps only; answers are graded by
+  math-verify (`stepdpo grade`), never here;
 - each model's greedy solutions (answers_*/samples.jsonl): the share of false equations among the equations they
   write, steps per solution, and how many end without a stated answer;
 - the learning curves of the DPO stage and the controls (train_summary.json / sft_summary.json: every logged step).
@@ -17,34 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-from fractions import Fraction
 from pathlib import Path
 
-# a op b = c with integers or decimals; ×, x and ÷ as models write them
-_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/×x÷])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+from stepdpo.generate.equations import equations, step_verdict
+
 MODELS = {"A0": "answers_before", "A1": "answers_after", "sft": "answers_control_sft", "rft": "answers_control_rft",
           "sft_at_sft_lr": "answers_control_sft_at_sft_lr"}
 STAGES = {"dpo": "dpo/train_summary.json", "sft": "control_sft/sft_summary.json",
           "rft": "control_rft/sft_summary.json"}
-
-
-def equations(text: str) -> list[bool]:
-    """Every `a op b = c` in the text, as True where it holds (exactly, in rationals) and False where it does not."""
-    verdicts = []
-    for a, op, b, c in _EQUATION.findall(text):
-        x, y, z = Fraction(a), Fraction(b), Fraction(c)
-        if op in "/÷":
-            verdicts.append(y != 0 and x / y == z)
-        else:
-            verdicts.append({"+": x + y, "-": x - y}.get(op, x * y) == z)
-    return verdicts
-
-
-def step_verdict(step: str) -> str:
-    """'wrong' (a false equation), 'right' (equations, all true) or 'none' (no equation to check)."""
-    v = equations(step)
-    return "none" if not v else "right" if all(v) else "wrong"
 
 
 def pair_quality(pairs: list[dict]) -> dict:

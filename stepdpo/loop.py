@@ -89,7 +89,9 @@ class LoopOptions:
     max_wrong: int = opt(2, "Wrong solutions examined per problem.")
     temperature: float = opt(1.0, "Mining temperature.")
     top_k: int = opt(50, "Mining top_k (0: the whole vocabulary).")
-    error_rule: str = opt("max_drop", "first_zero or max_drop (see `stepdpo mine --help`).",
+    locate: str = opt("rollout", "How mining finds the wrong step: rollout, or equations (the first step stating a "
+                      "false equation; see `stepdpo mine --help`).", choices=("rollout", "equations"))
+    error_rule: str = opt("max_drop", "--locate rollout: first_zero or max_drop (see `stepdpo mine --help`).",
                           choices=("first_zero", "max_drop"))
     chosen_min_success: float = opt(0.5, "See `stepdpo mine --help`.")
     # ---- stepwise DPO, and every control (same steps, rate, schedule, batch, adapter)
@@ -213,7 +215,8 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
             urls = servers.urls(policy)
             mined = mine(MineOptions(problems=str(files["mine"]), model=str(policy), out=str(out / "mine"),
                                      samples=o.samples, rollouts=o.rollouts, max_wrong=o.max_wrong,
-                                     temperature=o.temperature, top_k=o.top_k, error_rule=o.error_rule,
+                                     temperature=o.temperature, top_k=o.top_k, locate=o.locate,
+                                     error_rule=o.error_rule,
                                      chosen_min_success=o.chosen_min_success, max_new_tokens=o.max_new_tokens,
                                      batch_size=o.generate_batch, seed=o.seed, backend="vllm" if urls else "hf",
                                      url=urls, progress=o.progress, **prompts))

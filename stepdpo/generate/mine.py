@@ -6,6 +6,11 @@ For each problem: sample K solutions, grade them (math-verify); for each wrong o
   `--error-rule max_drop`, the step up to that one whose success rate falls most from the prefix before it;
 * `--locate prm`: a process reward model through the `score` backends (hf or vLLM): the first step whose reward
   is below `--prm-threshold`;
+* `--locate equations`: the first step that states a false equation (`47 + 38 = 114`, checked exactly by
+  stepdpo.generate.equations): an exact verifier of computation errors, for arithmetic and GSM8K-style solutions.
+  Its samples are the wrong ones and the right ones that reached their answer through a false equation; a wrong
+  sample with no false equation (a wrong operation, a misread problem) is not located, and a chosen step must not
+  state a false equation either;
 then take M continuations from the prefix before that step: those that reach the right answer give the chosen
 steps (their first step), the located step is the rejected one. Pairs are in the one schema, with provenance
 (sample ids, locate method, rollout success rates), deduplicated. Every generation goes through one cache
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from stepdpo.data.pairs import make_pair, write_jsonl
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
+from stepdpo.generate.equations import step_verdict
 from stepdpo.generate.generate import (PolicyOptions, SampleCache, VLLMGenerator, make_units, open_policy,
                                       run_generation)
 from stepdpo.generate.problems import Problem, read_problems
@@ -35,6 +41,7 @@ class MineError(StepdpoError, RuntimeError):
 
 
 ERROR_RULES = ("first_zero", "max_drop")
+LOCATORS = ("rollout", "prm", "equations")
 
 
 @dataclass
@@ -44,15 +51,18 @@ class MineOptions(PolicyOptions):
     out: str = opt(REQUIRED, "Output directory: pairs.jsonl, solved.jsonl, report.json, mine_cache.jsonl.")
     samples: int = opt(4, "K: solutions sampled per problem.")
     rollouts: int = opt(4, "M: continuations sampled from a prefix (to locate an error, and to correct it).")
-    locate: str = opt("rollout", "rollout: Math-Shepherd's estimate from continuations; prm: a process reward model.",
-                      choices=("rollout", "prm"))
+    locate: str = opt("rollout", "rollout: Math-Shepherd's estimate from continuations; prm: a process reward model; "
+                      "equations: the first step stating a false equation (exact; for arithmetic and GSM8K-style "
+                      "solutions: it examines right answers reached through a false equation too, and never takes a "
+                      "chosen step with one).", choices=LOCATORS)
     error_rule: str = opt("first_zero", "--locate rollout: which step is the error. first_zero: the first step after "
                           "which no continuation reaches the answer (Math-Shepherd's hard estimate). max_drop: among "
                           "the steps up to that one, the step whose success rate falls most from the prefix before "
                           "it (the most negative process advantage, as in Setlur et al. 2024, arXiv:2410.08146): "
                           "robust when a wrong step is still followed by a lucky right answer.",
                           choices=ERROR_RULES)
-    max_wrong: int = opt(2, "Wrong solutions examined per problem.")
+    max_wrong: int = opt(2, "Wrong solutions examined per problem (with --locate equations, right ones with a false "
+                         "equation count too).")
     chosen_min_success: float = opt(0.5, "A chosen step must itself lead to the right answer: M continuations after it "
                                     "must reach it at least this often (a correct answer reached through a wrong step "
                                     "by luck is not a chosen step). 0 turns the check off.")
@@ -68,7 +78,7 @@ class MineOptions(PolicyOptions):
 
     def __post_init__(self):
         self._check_policy()
-        check_choice(self.locate, "locate", ("rollout", "prm"))
+        check_choice(self.locate, "locate", LOCATORS)
         check_choice(self.error_rule, "error_rule", ERROR_RULES)
         check(self.samples >= 1 and self.rollouts >= 1 and self.max_wrong >= 1, "samples",
               "samples, rollouts and max_wrong must be >= 1")
@@ -107,6 +117,11 @@ def _first_step(row: dict) -> str | None:
     return row["steps"][0] if row["steps"] else None
 
 
+def _chosen_ok(step: str | None, rejected: str, locate: str) -> bool:
+    """A chosen step differs from the rejected one, and under --locate equations states no false equation."""
+    return bool(step) and step != rejected and (locate != "equations" or step_verdict(step) != "wrong")
+
+
 def solved_solutions(problem: Problem, samples: list[dict], right: list[bool]) -> list[dict]:
     """The samples of `problem` graded right (`right`, mine's own grades), as step lists `sft` reads: rejection-sampling
     fine-tuning data (RFT, Yuan et al. 2023, arXiv:2308.01825), the self-training baseline that uses the same
@@ -140,12 +155,15 @@ def mine(options: MineOptions, model=None) -> dict:
         stages["sample"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         wrong: list[tuple[Problem, dict]] = []
-        solved, solved_rows = {}, []
+        solved, solved_rows, examined_right = {}, [], 0
         for p, rows in zip(problems, first):
             ok = [_reaches(gold[p.id], (), r["text"]) for r in rows]
             solved[p.id] = sum(ok) / len(ok)
             solved_rows += solved_solutions(p, rows, ok)
-            wrong += [(p, r) for r, good in zip(rows, ok) if not good and r["steps"]][: options.max_wrong]
+            examine = [(r, good) for r, good in zip(rows, ok) if r["steps"] and (
+                not good or (options.locate == "equations" and _false_step(r) is not None))][: options.max_wrong]
+            wrong += [(p, r) for r, _ in examine]
+            examined_right += sum(good for _, good in examine)
         stages["grade"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         # rollouts from a prefix, shared by every wrong sample of a problem that has that prefix
@@ -154,6 +172,8 @@ def mine(options: MineOptions, model=None) -> dict:
             rollouts[(p.id, ())] = rows  # the K first samples are the continuations of the empty prefix
         if options.locate == "rollout":
             located = _locate_by_rollouts(wrong, rollouts, sampler, gold, options.rollouts, options.error_rule, solved)
+        elif options.locate == "equations":
+            located = [(p, r, k) for p, r in wrong if (k := _false_step(r)) is not None]
         else:
             located = _locate_by_prm(wrong, options)
         stages["locate"] = round(time.perf_counter() - t, 2)
@@ -168,7 +188,7 @@ def mine(options: MineOptions, model=None) -> dict:
                 prefix = tuple(r["steps"][: k - 1])
                 for x in rollouts.get((p.id, prefix), []):
                     step = _first_step(x)
-                    if step and step != r["steps"][k - 1] and _reaches(gold[p.id], prefix, x["text"]):
+                    if _chosen_ok(step, r["steps"][k - 1], options.locate) and _reaches(gold[p.id], prefix, x["text"]):
                         candidates.append((p, prefix + (step,)))
             candidates = [c for c in dict.fromkeys(candidates) if (c[0].id, c[1]) not in rollouts]
             for (p, prefix), rows in zip(candidates, sampler.draw(candidates, options.rollouts) if candidates else []):
@@ -188,7 +208,9 @@ def mine(options: MineOptions, model=None) -> dict:
     report = {
         "problems": len(problems), "samples": len(problems) * options.samples,
         "sample_accuracy": sum(solved.values()) / len(solved) if solved else 0.0,
-        "solved_solutions": len(solved_rows), "wrong_examined": len(wrong), "errors_located": len(located),
+        "solved_solutions": len(solved_rows), "wrong_examined": len(wrong),
+        **({"right_answers_examined": examined_right} if options.locate == "equations" else {}),
+        "errors_located": len(located),
         "pairs": len(pairs),
         "problems_with_pairs": len(per_problem),
         "yield_per_problem": len(pairs) / len(problems) if problems else 0.0,
@@ -246,6 +268,11 @@ def _max_drop(rates: dict[int, float], start: float) -> int:
     return best_k
 
 
+def _false_step(row: dict) -> int | None:
+    """--locate equations: the first step (1-based) of a sample that states a false equation, or None."""
+    return next((k for k, step in enumerate(row["steps"], 1) if step_verdict(step) == "wrong"), None)
+
+
 def _locate_by_prm(wrong, options: MineOptions) -> list[tuple[Problem, dict, int]]:
     """The first step whose process reward is below the threshold, through the `score` backends."""
     from stepdpo.auth import model_token
@@ -289,7 +316,7 @@ def _pairs(located, rollouts, gold, options: MineOptions, solved: dict) -> list[
             source["step_rewards"] = r["_rewards"]
         for x in good:
             chosen = _first_step(x)
-            if not chosen or chosen == rejected:
+            if not _chosen_ok(chosen, rejected, options.locate):
                 continue
             src = source
             if options.chosen_min_success > 0:

@@ -91,6 +91,35 @@ def test_max_drop_blames_the_step_whose_success_rate_falls_most(solver, tmp_path
     assert drop["generations"] < zero["generations"]
 
 
+def test_mine_locates_the_first_false_equation(solver, tmp_path):
+    """--locate equations: the rejected step is the first step of the policy's sample that states a false equation
+    (wrong answers, and right answers reached through one), no earlier step states one, and no chosen step does."""
+    from stepdpo.generate.equations import step_verdict
+
+    report = mine(MineOptions(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"),
+                              out=str(tmp_path), limit=60, samples=4, rollouts=4, temperature=1.0, locate="equations",
+                              max_new_tokens=64, progress=False))
+    pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "mine_cache.jsonl").read_text().splitlines()]
+    firsts = [r for r in rows if "prefix_steps" not in r]
+    false_first = [r for r in firsts if any(step_verdict(s) == "wrong" for s in r["steps"])]
+    assert report["locate"] == "equations" and "error_rule" not in report and report["pairs"] == len(pairs) > 0
+    # the seeded tiny policy writes false equations in some right answers too: they are examined
+    assert 0 < report["right_answers_examined"] < report["wrong_examined"]
+    assert 0 < report["errors_located"] <= len(false_first)
+    # locating asks for no continuation: only the first samples, the corrections and the chosen checks are generated
+    assert report["stages"]["locate"] < 1.0
+    by_id = {r["id"]: r for r in firsts}
+    for p in pairs:
+        src = p["source"][0]
+        assert src["locate"] == "equations" and "rollout_success" not in src and src["chosen_success_rate"] >= 0.5
+        sample, k = by_id[src["sample_id"]], src["error_step"]
+        assert sample["steps"][k - 1] == p["rejected_steps"][0] and sample["steps"][: k - 1] == p["prefix_steps"]
+        assert step_verdict(p["rejected_steps"][0]) == "wrong"
+        assert all(step_verdict(s) != "wrong" for s in p["prefix_steps"])
+        assert step_verdict(p["chosen_steps"][0]) != "wrong"
+
+
 def test_mine_with_a_prm_locates_by_reward(solver, tiny_mistral, tmp_path):
     report = mine(MineOptions(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"),
                               out=str(tmp_path), limit=20, samples=2, rollouts=2, locate="prm",

@@ -106,7 +106,7 @@ def test_check_reports_what_argparse_would_without_running_the_stage(tmp_path):
     job = ["--problems", "p.jsonl", "--model", "m", "--out", "o"]
     with pytest.raises(OptionsError) as e:
         cli.check_options("mine", ["--config", str(cfg), *job])
-    assert str(e.value) == f"--config {cfg}: key locate: invalid choice: 'rolout' (choose from 'rollout', 'prm')"
+    assert str(e.value) == f"--config {cfg}: key locate: invalid choice: 'rolout' (choose from 'rollout', 'prm', 'equations')"
     cli.check_options("mine", ["--config", str(cfg), *job, "--locate", "prm"])  # a flag overrides the file's value
     cli.check_options("mine", ["--config", str(cfg), *job, "--loc", "prm"])  # also as argparse's prefix
     cfg.write_text("instruction: -terse\nstop: ['-stop', '\\n\\n']\n")  # values, not options
