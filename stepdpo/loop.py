@@ -259,6 +259,11 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
 # Settings that change what a training stage reports, not what it trains: --reuse ignores them (a model trained
 # before the loop logged every 5 steps instead of 25 is the same model).
 NOT_TRAINING = frozenset({"logging_steps", "logging_first_step", "disable_tqdm", "report_to", "logging_dir"})
+# Where things lie, not what they are: the fingerprint compares the model and the data by content, and the output
+# directory is the one being reused, so a run directory that was moved or renamed keeps its SFT model and controls
+# (before, the saved paths differed and every stage trained again). The DPO stage trains again there: mine's pairs
+# record their problem file's path, so its pairs file differs from the one it was trained on.
+LOCATIONS = frozenset({"output_dir", "model_name_or_path", "train_pairs", "eval_pairs", "train_data", "eval_data"})
 
 
 def _train_once(config, run, reuse: bool) -> None:
@@ -268,10 +273,12 @@ def _train_once(config, run, reuse: bool) -> None:
 
     final = Path(config.output_dir) / "final"
     if reuse and is_complete(final) and (final / RUN_CONFIG).is_file() and (final / FINGERPRINT).is_file():
-        saved = {k: v for k, v in json.loads((final / RUN_CONFIG).read_text()).items() if k not in NOT_TRAINING}
+        ignored = NOT_TRAINING | LOCATIONS
+        saved = {k: v for k, v in json.loads((final / RUN_CONFIG).read_text()).items() if k not in ignored}
         now = json.loads(json.dumps(config.to_dict(), default=str))
+        was, is_ = json.loads((final / FINGERPRINT).read_text()), run_fingerprint(config)
         if saved == {k: v for k, v in now.items() if k in saved} and \
-                json.loads((final / FINGERPRINT).read_text()) == run_fingerprint(config):
+                (was.get("model"), was.get("data")) == (is_["model"], is_["data"]):
             print(f"reused {final}: complete, same settings, model and data")
             return
     merged = final.parent / "merged"

@@ -50,7 +50,8 @@ def test_the_same_command_gives_the_same_summary_twice(two_runs):
 @pytest.mark.xdist_group("loop")
 def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs):
     """--reuse: a second run with one DPO setting changed keeps the SFT model and every cached generation, and
-    trains DPO and the controls (which match DPO's rate) again."""
+    trains DPO and the controls (which match DPO's rate) again; a run directory moved elsewhere keeps SFT and the
+    controls."""
     run = two_runs[0] / "a"
     sft_weights = (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
     # a model trained when the loop logged every 25 steps is the same model: reporting settings do not count
@@ -76,6 +77,18 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     this_run = res.stdout + (run / "loop.log").read_text().split("===== loop: model")[-1]
     assert all(f"reused {run / stage / 'final'}" in this_run for stage in weights), this_run[-3000:]
     assert json.loads((run / "summary.json").read_text())["task"]["evaluate"] == "validation"
+    # the run directory moved: SFT and the control are the same models trained from the same model and data (by
+    # content), so they are kept (before, the saved paths differed and every stage trained again). DPO trains again:
+    # its pairs record their problem file's path (provenance), so the pairs file is not the one it was trained on.
+    moved = run.with_name("a-moved")
+    run.rename(moved)
+    res = _loop(moved, *REDUCED, "--reuse", "--controls", "sft", "--dpo-lr", "1e-4", "--evaluate", "validation")
+    this_run = res.stdout + (moved / "loop.log").read_text().split("===== loop: model")[-1]
+    kept = ("sft", "control_sft")
+    assert all(f"reused {moved / stage / 'final'}" in this_run for stage in kept), this_run[-3000:]
+    assert {stage: (moved / stage / "final" / "model.safetensors").stat().st_mtime_ns for stage in kept} == {
+        stage: weights[stage] for stage in kept}
+    assert f"reused {moved / 'dpo' / 'final'}" not in this_run
 
 
 def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):
