@@ -107,8 +107,11 @@ def test_mine_locates_the_first_false_equation(solver, tmp_path):
     # the seeded tiny policy writes false equations in some right answers too: they are examined
     assert 0 < report["right_answers_examined"] < report["wrong_examined"]
     assert 0 < report["errors_located"] <= len(false_first)
-    # locating asks for no continuation: only the first samples, the corrections and the chosen checks are generated
-    assert report["stages"]["locate"] < 1.0
+    # locating asks for no continuation: every continuation drawn is a correction (from the prefix before a located
+    # step) or a chosen step's check, so none starts after a false equation (the rollout locator's would, from each
+    # prefix up to the error)
+    continuations = [r for r in rows if "prefix_steps" in r]
+    assert continuations and all(step_verdict(s) != "wrong" for r in continuations for s in r["prefix_steps"])
     by_id = {r["id"]: r for r in firsts}
     for p in pairs:
         src = p["source"][0]
