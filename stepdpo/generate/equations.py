@@ -22,8 +22,11 @@ from fractions import Fraction
 _NUM = r"\$?\d+(?:,\d{3})*(?:\.\d+)?"
 _OP = r"[-+*/×x÷]"
 # the chain is not the tail of a longer expression (a digit, a point or a closing parenthesis before it) and the
-# result is a lookahead, so "2 * 3 = 6 + 4 = 10" yields both equations
-_EQUATION = re.compile(rf"(?<![\d.,)$])(-?{_NUM}(?:\s*{_OP}\s*{_NUM})+)\s*=\s*(?=(-?{_NUM})(?![\d(]|\.\d))")
+# result is a lookahead, so "2 * 3 = 6 + 4 = 10" yields both equations. Spaces and tabs only, never a line break:
+# an equation is stated on one line, and with \s the result ending one line ("5 + 44 = 49") and the next line's
+# "-44 - 44 = 0" read as one chain "49\n-44 - 44", which is not an expression at all
+_SP = r"[ \t]*"
+_EQUATION = re.compile(rf"(?<![\d.,)$])(-?{_NUM}(?:{_SP}{_OP}{_SP}{_NUM})+){_SP}={_SP}(?=(-?{_NUM})(?![\d(]|\.\d))")
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
 

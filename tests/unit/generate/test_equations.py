@@ -50,3 +50,11 @@ def test_what_it_cannot_read_is_not_checked():
     assert equations("2 + 2 = 4(5)") == []
     assert equations("5 + 3 = 8 apples") == [True]
     assert step_verdict("20% of 50 = 10") == "none"
+
+
+def test_an_equation_never_spans_a_line():
+    # a whole solution, as loop_analysis reads it: the running total 49 ends line 2 and line 3 starts with a minus;
+    # across the line break this read "49\n-44 - 44 = 0", which Python cannot even parse, and the analysis stopped
+    text = "1 * 44 = 44\n5 + 44 = 49\n-44 - 44 = 0\nThe answer is 0."
+    assert equations(text) == [True, True, False]  # -44 - 44 is -88
+    assert equations("7 + 3 = 10\n- 2 = 8") == [True]  # an operator that starts a line has nothing before it
