@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,10 @@ class LoopOptions:
                           choices=("first_zero", "max_drop"))
     chosen_min_success: float = opt(0.5, "See `stepdpo mine --help`.")
     # ---- stepwise DPO, and every control (same steps, rate, schedule, batch, adapter)
-    dpo_steps: int = opt(100, "Optimizer steps of the DPO stage and of each control.")
+    dpo_steps: int = opt(100, "Optimizer steps of the DPO stage and of each control (see --dpo-epochs).")
+    dpo_epochs: float = opt(0.0, "Epochs of the mined pairs instead of a fixed --dpo-steps: once mining has counted "
+                            "the pairs, the DPO stage and each control get ceil(epochs x pairs / batch) steps "
+                            "(Step-DPO trains 8). 0: --dpo-steps.")
     dpo_lr: float = opt(5e-5, "Learning rate of the DPO stage and of the controls.")
     beta: float = opt(0.1, "DPO beta.")
     loss_type: list[str] = opt(factory=lambda: ["sigmoid", "sft"], help="TRL loss types (sigmoid: DPO; sft: the "
@@ -136,6 +140,7 @@ class LoopOptions:
               "validation needs --validation-problems N")
         check(len(self.loss_type) == len(self.loss_weights), "loss_weights", "one weight per --loss-type")
         check(self.batch % self.gradient_accumulation == 0, "gradient_accumulation", "must divide --batch")
+        check(self.dpo_epochs >= 0, "dpo_epochs", f"{self.dpo_epochs}: a number of epochs >= 0 (0: --dpo-steps)")
         check(self.dpo_steps >= 1 and self.mine_problems >= 1 and self.train_problems >= 1, "dpo_steps",
               "--dpo-steps, --mine-problems and --train-problems must be >= 1")
         for name in ("test_problems", "validation_problems"):
@@ -160,6 +165,13 @@ QUICK = {"train_problems": 8, "test_problems": 6, "validation_problems": 4, "min
 
 class LoopError(StepdpoError):
     pass
+
+
+def dpo_steps_for(pairs: int, epochs: float, batch: int, cap: int | None = None) -> int:
+    """Optimizer steps for `epochs` passes over `pairs` in batches of `batch` (the last one may be partial), at
+    least one, at most `cap` (--quick's few steps)."""
+    steps = max(1, math.ceil(epochs * pairs / batch))
+    return min(steps, cap) if cap else steps
 
 
 def loop(options: LoopOptions) -> dict:
@@ -229,6 +241,12 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
             summary = _summary(o, files, results, mined, times, stopped=stopped)
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             raise LoopError(f"{stopped}; A0 and the mining report are in {out / 'summary.json'}")
+        if o.dpo_epochs:
+            # the steps follow the pairs: a fixed --dpo-steps is 8 epochs of 39 pairs and 46 of 7 (the GSM8K run)
+            o.dpo_steps = dpo_steps_for(mined["pairs"], o.dpo_epochs, o.batch, QUICK["dpo_steps"] if o.quick else None)
+            matched["max_steps"] = o.dpo_steps
+            print(f"--dpo-epochs {o.dpo_epochs:g} of {mined['pairs']} pairs in batches of {o.batch}: "
+                  f"{o.dpo_steps} steps for DPO and each control")
         with console.stage("train (stepwise DPO)", times):
             servers.stop()  # an idle vLLM CPU server still takes a core and gigabytes from training
             _train_once(StepwiseDPOConfig(model_name_or_path=str(policy),

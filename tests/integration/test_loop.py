@@ -49,9 +49,9 @@ def test_the_same_command_gives_the_same_summary_twice(two_runs):
 
 @pytest.mark.xdist_group("loop")
 def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs):
-    """--reuse: a second run with one DPO setting changed keeps the SFT model and every cached generation, and
-    trains DPO and the controls (which match DPO's rate) again; a run directory moved elsewhere keeps SFT and the
-    controls."""
+    """--reuse: a second run with DPO's rate changed and its steps set by --dpo-epochs keeps the SFT model and every
+    cached generation, and trains DPO and the controls (which match DPO's rate and steps) again; a run directory
+    moved elsewhere keeps SFT and the controls."""
     run = two_runs[0] / "a"
     sft_weights = (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
     # a model trained when the loop logged every 25 steps is the same model: reporting settings do not count
@@ -59,7 +59,9 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     saved = json.loads(config.read_text())
     assert saved["logging_steps"] == 5
     config.write_text(json.dumps(dict(saved, logging_steps=25, disable_tqdm=not saved["disable_tqdm"])))
-    _loop(run, *REDUCED, "--reuse", "--controls", "sft", "--dpo-lr", "1e-4")
+    # one DPO setting changed, and the steps set by --dpo-epochs from the pairs mined (REDUCED's --dpo-steps yields)
+    changed = ["--reuse", "--controls", "sft", "--dpo-lr", "1e-4", "--dpo-epochs", "1"]
+    _loop(run, *REDUCED, *changed)
     log = (run / "loop.log").read_text()
     assert (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights
     assert log.count(f"reused {run / 'sft' / 'final'}") == 1 and "reused " + str(run / "dpo") not in log
@@ -68,11 +70,15 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     assert set(s["accuracy"]) == {"A0", "A1", "sft"}
     saved = json.loads((run / "control_sft" / "final" / "stepdpo_config.json").read_text())
     assert saved["learning_rate"] == 1e-4
+    steps = -(-s["mined_pairs"] // s["settings"]["batch"])  # one epoch: ceil(pairs / batch)
+    assert s["settings"]["dpo_steps"] == steps != 10 and f"{steps} steps for DPO and each control" in log
+    assert saved["max_steps"] == steps == json.loads((run / "dpo" / "final" / "stepdpo_config.json").read_text())[
+        "max_steps"]
     # the same settings measured on the validation problems (the README's protocol: choose there, then measure the
     # test problems with --reuse): every trained model is kept, DPO's included, and only answers are generated
     weights = {stage: (run / stage / "final" / "model.safetensors").stat().st_mtime_ns
                for stage in ("sft", "dpo", "control_sft")}
-    res = _loop(run, *REDUCED, "--reuse", "--controls", "sft", "--dpo-lr", "1e-4", "--evaluate", "validation")
+    res = _loop(run, *REDUCED, *changed, "--evaluate", "validation")
     assert {stage: (run / stage / "final" / "model.safetensors").stat().st_mtime_ns for stage in weights} == weights
     this_run = res.stdout + (run / "loop.log").read_text().split("===== loop: model")[-1]
     assert all(f"reused {run / stage / 'final'}" in this_run for stage in weights), this_run[-3000:]
@@ -82,7 +88,7 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     # its pairs record their problem file's path (provenance), so the pairs file is not the one it was trained on.
     moved = run.with_name("a-moved")
     run.rename(moved)
-    res = _loop(moved, *REDUCED, "--reuse", "--controls", "sft", "--dpo-lr", "1e-4", "--evaluate", "validation")
+    res = _loop(moved, *REDUCED, *changed, "--evaluate", "validation")
     this_run = res.stdout + (moved / "loop.log").read_text().split("===== loop: model")[-1]
     kept = ("sft", "control_sft")
     assert all(f"reused {moved / stage / 'final'}" in this_run for stage in kept), this_run[-3000:]

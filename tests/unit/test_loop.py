@@ -8,7 +8,7 @@ import pytest
 
 from stepdpo.cli import parse
 from stepdpo.errors import OptionsError
-from stepdpo.loop import LoopOptions, _problems
+from stepdpo.loop import LoopOptions, _problems, dpo_steps_for
 from tests.conftest import REPO
 
 GSM8K_RECIPE = REPO / "configs" / "recipes" / "smollm2-135m" / "loop_gsm8k.yaml"
@@ -56,3 +56,13 @@ def test_sizes_are_counts_or_fractions_of_a_problem_file():
     quick = LoopOptions(problems="file.jsonl", test_problems=0.153, validation_problems=0.0765, quick=True)
     assert (quick.test_problems, quick.validation_problems, quick.train_problems) == (6, 4, 8)
     assert LoopOptions(quick=True, sft_steps=0).sft_steps == 0 and LoopOptions(quick=True).sft_steps == 2
+
+
+def test_dpo_epochs_set_the_steps_from_the_pairs_mined():
+    # Step-DPO's 8 epochs: 39 pairs in batches of 8 are 39 steps (run 1 took 40 by hand); 7 pairs are 7 steps, where
+    # the recipe's fixed 40 gave GSM8K's 7 pairs 46 epochs; 137 pairs once each are 18 steps, the last one partial
+    assert dpo_steps_for(39, 8, 8) == 39 and dpo_steps_for(7, 8, 8) == 7 and dpo_steps_for(137, 1, 8) == 18
+    assert dpo_steps_for(3, 0.5, 16) == 1  # never no step
+    assert dpo_steps_for(137, 1, 8, cap=2) == 2  # --quick's few steps
+    with pytest.raises(OptionsError, match="--dpo-epochs: -1.0: a number of epochs >= 0"):
+        LoopOptions(dpo_epochs=-1.0)
