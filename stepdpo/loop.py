@@ -9,7 +9,8 @@ controls trained the same way, with 95% intervals and paired tests.
 Every control starts from the policy DPO starts from and is trained with DPO's number of steps, learning rate,
 schedule, warm-up, batch and adapter settings. Accuracy is greedy, graded by math-verify, on held-out problems
 (`--evaluate test`) or on the validation problems carved from the training data (`--evaluate validation`: choose
-settings there, then measure the held-out problems once). OUT/summary.json holds every accuracy with its Wilson 95%
+settings there, then measure the held-out problems once). OUT/summary.json (and a copy per split,
+OUT/summary_validation.json and OUT/summary_test.json) holds every accuracy with its Wilson 95%
 interval, McNemar's exact test of A1 against A0 and against each control, the pairs mined, the generations spent
 and, under `seconds`, the time of each stage (everything else in it is the same on every run of the same command).
 
@@ -239,7 +240,7 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
                        "policy that solves more of them (more --sft-steps)")
             servers.stop()
             summary = _summary(o, files, results, mined, times, stopped=stopped)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _write_summary(out, summary)
             raise LoopError(f"{stopped}; A0 and the mining report are in {out / 'summary.json'}")
         if o.dpo_epochs:
             # the steps follow the pairs: a fixed --dpo-steps is 8 epochs of 39 pairs and 46 of 7 (the GSM8K run)
@@ -269,7 +270,7 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
     finally:
         servers.stop()
     summary = _summary(o, files, results, mined, times)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_summary(out, summary)
     _print(summary, console)
     return summary
 
@@ -432,6 +433,16 @@ def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dic
         # a run that could not finish says why (it has A0 and the mining report, no A1 and no controls)
         **({"stopped": stopped} if stopped else {}),
     }
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    """OUT/summary.json (the latest run) and OUT/summary_<validation|test>.json: the protocol measures both splits in
+    one run directory (--evaluate validation, then --evaluate test --reuse), and the test run must not take the
+    validation numbers with it (before, it overwrote the one summary; the answers_* folders still hold the samples
+    of the split measured last)."""
+    text = json.dumps(summary, indent=2) + "\n"
+    (out / "summary.json").write_text(text)
+    (out / f"summary_{summary['task']['evaluate']}.json").write_text(text)
 
 
 def _count_lines(path: Path) -> int:

@@ -83,6 +83,9 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     this_run = res.stdout + (run / "loop.log").read_text().split("===== loop: model")[-1]
     assert all(f"reused {run / stage / 'final'}" in this_run for stage in weights), this_run[-3000:]
     assert json.loads((run / "summary.json").read_text())["task"]["evaluate"] == "validation"
+    # both splits' numbers stay: the validation run wrote its own copy and left the test run's alone
+    assert (run / "summary_validation.json").read_text() == (run / "summary.json").read_text()
+    assert json.loads((run / "summary_test.json").read_text()) == s
     # the run directory moved: SFT and the control are the same models trained from the same model and data (by
     # content), so they are kept (before, the saved paths differed and every stage trained again). DPO trains again:
     # its pairs record their problem file's path (provenance), so the pairs file is not the one it was trained on.
@@ -145,6 +148,7 @@ def test_a_loop_whose_mining_finds_no_pair_stops_with_what_it_measured(tmp_path)
     assert "mine found no pair in 4 training problems" in res.stderr and "summary.json" in res.stderr
     assert "Traceback" not in res.stderr
     s = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "summary_test.json").read_text()) == s
     assert s["stopped"].startswith("mine found no pair") and s["mined_pairs"] == 0
     assert set(s["accuracy"]) == {"A0"} and s["paired_tests"] == {} and "after" not in s["answer_accuracy"]
     assert s["mine"]["problems"] == 4 and s["generations"]["mine"] > 0 and "mine" in s["seconds"]["stages"]
