@@ -203,8 +203,6 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
                   per_device_train_batch_size=o.batch // o.gradient_accumulation,
                   gradient_accumulation_steps=o.gradient_accumulation, logging_steps=5,
                   disable_tqdm=not o.progress, **prompts, **({"max_length": o.max_length} if o.max_length else {}))
-    matched = dict(max_steps=o.dpo_steps, learning_rate=o.dpo_lr, lr_scheduler_type=o.lr_scheduler_type,
-                   warmup_steps=o.warmup, **_peft(o.use_peft, o), **common)
 
     def sft(start, run, data, peft, **kw):
         from stepdpo.train.sft import StepSFTConfig, sft_main
@@ -245,9 +243,11 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
         if o.dpo_epochs:
             # the steps follow the pairs: a fixed --dpo-steps is 8 epochs of 39 pairs and 46 of 7 (the GSM8K run)
             o.dpo_steps = dpo_steps_for(mined["pairs"], o.dpo_epochs, o.batch, QUICK["dpo_steps"] if o.quick else None)
-            matched["max_steps"] = o.dpo_steps
             print(f"--dpo-epochs {o.dpo_epochs:g} of {mined['pairs']} pairs in batches of {o.batch}: "
                   f"{o.dpo_steps} steps for DPO and each control")
+        # what DPO and every control share; built once the steps are known
+        matched = dict(max_steps=o.dpo_steps, learning_rate=o.dpo_lr, lr_scheduler_type=o.lr_scheduler_type,
+                       warmup_steps=o.warmup, **_peft(o.use_peft, o), **common)
         with console.stage("train (stepwise DPO)", times):
             servers.stop()  # an idle vLLM CPU server still takes a core and gigabytes from training
             _train_once(StepwiseDPOConfig(model_name_or_path=str(policy),
