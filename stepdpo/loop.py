@@ -106,6 +106,10 @@ class LoopOptions:
     loss_type: list[str] = opt(factory=lambda: ["sigmoid", "sft"], help="TRL loss types (sigmoid: DPO; sft: the "
                                "chosen step's NLL, as RPO).")
     loss_weights: list[float] = opt(factory=lambda: [1.0, 1.0], help="One weight per loss type.")
+    step_loss: str = opt("dpo", "dpo: TRL's loss, as --loss-type says. dpop: DPO-Positive (Smaug), which also "
+                         "charges --dpop-lambda for every nat a chosen step falls below the reference; it computes "
+                         "its own loss, so it takes --loss-type sigmoid --loss-weights 1.", choices=("dpo", "dpop"))
+    dpop_lambda: float = opt(50.0, "--step-loss dpop: the penalty per nat (Smaug's 50).")
     lr_scheduler_type: str = opt("constant", "Schedule of the DPO stage and the controls.", choices=SCHEDULES)
     warmup: float = opt(0.0, "Warm-up of the DPO stage and the controls: a fraction of their steps below 1, else a "
                         "number of steps.")
@@ -140,6 +144,12 @@ class LoopOptions:
         check(self.evaluate != "validation" or self.validation_problems > 0, "evaluate",
               "validation needs --validation-problems N")
         check(len(self.loss_type) == len(self.loss_weights), "loss_weights", "one weight per --loss-type")
+        check_choice(self.step_loss, "step_loss", ("dpo", "dpop"))
+        check(self.step_loss == "dpo" or (list(self.loss_type), list(self.loss_weights)) == (["sigmoid"], [1.0]),
+              "loss_type", f"{list(self.loss_type)} with --step-loss dpop, which computes its own loss (DPO and its "
+              "penalty, no NLL term): set --loss-type sigmoid --loss-weights 1")
+        check(self.step_loss == "dpop" or self.dpop_lambda == 50.0, "dpop_lambda", "is read by --step-loss dpop only")
+        check(self.dpop_lambda >= 0, "dpop_lambda", f"{self.dpop_lambda}: a penalty >= 0 (0 is plain DPO)")
         check(self.batch % self.gradient_accumulation == 0, "gradient_accumulation", "must divide --batch")
         check(self.dpo_epochs >= 0, "dpo_epochs", f"{self.dpo_epochs}: a number of epochs >= 0 (0: --dpo-steps)")
         check(self.dpo_steps >= 1 and self.mine_problems >= 1 and self.train_problems >= 1, "dpo_steps",
@@ -252,8 +262,7 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
             servers.stop()  # an idle vLLM CPU server still takes a core and gigabytes from training
             _train_once(StepwiseDPOConfig(model_name_or_path=str(policy),
                                           train_pairs=str(out / "mine" / "pairs.jsonl"), output_dir=str(out / "dpo"),
-                                          beta=o.beta, loss_type=list(o.loss_type),
-                                          loss_weights=list(o.loss_weights), **matched), train, o.reuse)
+                                          beta=o.beta, **_dpo_loss(o), **matched), train, o.reuse)
             after = _merged(out / "dpo" / "final", out / "dpo" / "merged") if o.use_peft else out / "dpo" / "final"
         with console.stage("answers A1", times):
             results["A1"] = _answers(after, out / "answers_after", files["eval"], o, servers)
@@ -283,6 +292,13 @@ NOT_TRAINING = frozenset({"logging_steps", "logging_first_step", "disable_tqdm",
 # (before, the saved paths differed and every stage trained again). The DPO stage trains again there: mine's pairs
 # record their problem file's path, so its pairs file differs from the one it was trained on.
 LOCATIONS = frozenset({"output_dir", "model_name_or_path", "train_pairs", "eval_pairs", "train_data", "eval_data"})
+
+
+def _dpo_loss(o: LoopOptions) -> dict:
+    """The DPO stage's loss settings: TRL's loss types, or DPOP, which takes none of them (checked in LoopOptions)."""
+    if o.step_loss == "dpop":
+        return dict(step_loss="dpop", dpop_lambda=o.dpop_lambda)
+    return dict(loss_type=list(o.loss_type), loss_weights=list(o.loss_weights))
 
 
 def _train_once(config, run, reuse: bool) -> None:

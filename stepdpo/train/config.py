@@ -134,7 +134,9 @@ class StepwiseDPOConfig(ModelArgs, DPOConfig):
         metadata={
             "help": "dpo: TRL's DPO loss (loss_type) on step pairs (Step-DPO). step_weighted: each pair's DPO loss "
             "weighted by w(step-reward gap). step_margin: the gap as a margin inside the sigmoid. seed: "
-            "-log sigmoid(dr * (log p(chosen) - log p(rejected))), reference-free.",
+            "-log sigmoid(dr * (log p(chosen) - log p(rejected))), reference-free. dpop: DPO-Positive (Smaug), DPO "
+            "that also charges dpop_lambda for every nat the chosen step falls below the reference; needs no "
+            "step rewards.",
             "choices": list(STEP_LOSSES),
         },
     )
@@ -142,6 +144,11 @@ class StepwiseDPOConfig(ModelArgs, DPOConfig):
     step_weight_fn: str = field(
         default="sigmoid",
         metadata={"help": "step_weighted: w = 2*sigmoid(gamma*dr) (sigmoid) or max(gamma*dr, 0) (linear).", "choices": list(WEIGHT_FNS)},
+    )
+    dpop_lambda: float = field(
+        default=50.0,
+        metadata={"help": "step_loss=dpop: lambda, the penalty per nat the chosen step's log-probability falls below "
+                  "the reference's (Smaug's value is 50)."},
     )
     append_eos: bool = field(
         default=False,
@@ -164,6 +171,11 @@ class StepwiseDPOConfig(ModelArgs, DPOConfig):
             raise OptionsError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
         if self.step_weight_fn not in WEIGHT_FNS:
             raise OptionsError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
+        if self.step_loss != "dpop" and self.dpop_lambda != 50.0:
+            raise OptionsError(f"dpop_lambda={self.dpop_lambda} is read by step_loss=dpop only (step_loss is "
+                               f"{self.step_loss!r}): remove it, or set step_loss=dpop")
+        if self.dpop_lambda < 0:
+            raise OptionsError(f"dpop_lambda={self.dpop_lambda}: a penalty >= 0 (0 is plain DPO)")
         if self.step_loss != "dpo":
             ignored = [f"{k}={getattr(self, k)!r}" for k, default in _TRL_LOSS_OPTIONS.items() if getattr(self, k) != default]
             if ignored:

@@ -17,6 +17,9 @@ Worked example used by the unit tests (beta = 0.1, gamma = 1):
                    linear weight max(0.7, 0) = 0.7          -> 0.451078
     step_margin    -log sigmoid(0.1 * 1.0 - 1 * 0.7) = -log sigmoid(-0.6)           = 1.037488
     seed           -log sigmoid(0.7 * (-2.0 - -3.0)) = -log sigmoid(0.7)            = 0.403186
+    dpop           the chosen step rose (c > c0): no penalty, the dpo number         = 0.644397
+                   c, r, c0, r0 = -2.6, -3.5, -2.5, -2.5 (the chosen step fell by 0.1), lambda = 5:
+                   delta = -0.1 - -1.0 = 0.9; -log sigmoid(0.1 * (0.9 - 5 * 0.1)) = -log sigmoid(0.04) = 0.673347
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-STEP_LOSSES = ("dpo", "step_weighted", "step_margin", "seed")
+STEP_LOSSES = ("dpo", "step_weighted", "step_margin", "seed", "dpop")
+# the losses that read the step-reward gap, so the pairs must be scored (`stepdpo score`)
+REWARD_LOSSES = ("step_weighted", "step_margin", "seed")
 WEIGHT_FNS = ("sigmoid", "linear")
 
 
@@ -64,3 +69,15 @@ def seed_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, reward_g
     """The original formula: L = -log sigmoid(dr * (c - r)). Reference-free: no reference model,
     no beta; the reward gap scales the log-likelihood difference (a negative gap pushes the other way)."""
     return -F.logsigmoid(reward_gap.detach() * (chosen_logps - rejected_logps))
+
+
+def dpop_loss(delta: torch.Tensor, chosen_logps: torch.Tensor, ref_chosen_logps: torch.Tensor, beta: float,
+              lam: float) -> torch.Tensor:
+    """DPO-Positive (Pal et al., 2024, "Smaug", arXiv:2402.13228, eq. 3):
+    L = -log sigmoid(beta * (delta - lambda * max(0, c0 - c))).
+
+    DPO only asks the chosen step to gain on the rejected one, and on pairs that differ in a few tokens (a step
+    pair here differs in one number) it can meet that by lowering both: the chosen step's likelihood falls, and
+    with it the model's arithmetic elsewhere. The penalty is zero while the chosen step stays at least as likely
+    as under the reference, and charges lambda for every nat it loses. Needs no step rewards."""
+    return -F.logsigmoid(beta * (delta - lam * torch.clamp(ref_chosen_logps - chosen_logps, min=0.0)))

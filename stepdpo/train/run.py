@@ -43,7 +43,9 @@ def build_trainer(config, callbacks=None, trainer_cls=None):
     token = resolve_token(config.hf_token_file).value
     # Read (and validate) both files before any model loads: unscored pairs for a step-reward loss, or a
     # malformed line, fail here, not at the first evaluation after hours of training.
-    needs_rewards = config.step_loss != "dpo"
+    from stepdpo.train.losses import REWARD_LOSSES
+
+    needs_rewards = config.step_loss in REWARD_LOSSES
     train_pairs = read_pairs(config.train_pairs, require_rewards=needs_rewards)
     if not train_pairs:
         from stepdpo.data.pairs import PairFileError

@@ -5,7 +5,8 @@ What it changes, and why:
   renderer: no EOS after a step unless `append_eos`, step-aware truncation (never cuts a step).
 * Loss: `step_loss="dpo"` is TRL's own `_compute_loss`, untouched, so every TRL `loss_type` works and
   the losses equal `trl.DPOTrainer`'s. The step-reward modes (`step_weighted`, `step_margin`, `seed`)
-  are computed here from the same policy/reference log-probabilities (stepdpo.train.losses).
+  and DPO-Positive (`dpop`, which needs no step rewards) are computed here from the same
+  policy/reference log-probabilities (stepdpo.train.losses).
 * Encoder-decoder models (flan-t5), which TRL 1.16 rejects at the first step: see seq2seq.py.
 * Reliability: a non-finite loss skips backward and the update on every rank together (DeepSpeed
   included), a non-finite gradient skips the optimizer step, and K in a row abort the run; checkpoints get a COMPLETED marker; a pre-emption flag file makes
@@ -241,11 +242,11 @@ class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
         if isinstance(eval_dataset, list):
             eval_dataset = pairs_to_dataset(eval_dataset)
         for name, ds in (("training", train_dataset), ("eval", eval_dataset)):
-            if ds is not None and args.step_loss != "dpo" and "step_reward_gap" not in ds.column_names:
+            if ds is not None and args.step_loss in losses.REWARD_LOSSES and "step_reward_gap" not in ds.column_names:
                 raise StepRewardsMissing(
                     f"step_loss={args.step_loss!r} needs step rewards, but the {name} pairs have no "
                     "chosen_step_rewards/rejected_step_rewards: score them first with `stepdpo score`, or use "
-                    "step_loss=dpo."
+                    "step_loss=dpo or dpop."
                 )
         self._encoder_decoder = is_encoder_decoder(model)
         self.truncation_stats: dict[str, dict] = {}
@@ -461,14 +462,14 @@ class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
         if self.args.step_loss == "dpo":
             result = super()._compute_loss(model, inputs, return_outputs)
         else:
-            result = self._stepwise_loss(model, inputs, extras["step_reward_gap"], mode)
+            result = self._stepwise_loss(model, inputs, extras.get("step_reward_gap"), mode)
         self._log_step_metrics(extras, mode)
         return result
 
     def _stepwise_loss(self, model, inputs, reward_gap, mode):
         args = self.args
         chosen, rejected = sequence_logps(model, inputs)
-        gap = reward_gap.to(chosen.device, chosen.dtype)
+        gap = None if reward_gap is None else reward_gap.to(chosen.device, chosen.dtype)  # None: dpop, unscored
         if args.step_loss == "seed":
             per_pair = losses.seed_loss(chosen, rejected, gap)
             chosen_rewards, rejected_rewards = chosen.detach(), rejected.detach()
@@ -479,7 +480,9 @@ class StepwiseDPOTrainer(CompleteCheckpointsMixin, DPOTrainer):
                 ref_c, ref_r = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
             ref_c, ref_r = ref_c.to(chosen), ref_r.to(chosen)
             delta = losses.implicit_delta(chosen, rejected, ref_c, ref_r)
-            if args.step_loss == "step_weighted":
+            if args.step_loss == "dpop":
+                per_pair = losses.dpop_loss(delta, chosen, ref_c, args.beta, args.dpop_lambda)
+            elif args.step_loss == "step_weighted":
                 per_pair = losses.step_weighted_loss(delta, gap, args.beta, args.step_weight_fn, args.step_reward_gamma)
             else:
                 per_pair = losses.step_margin_loss(delta, gap, args.beta, args.step_reward_gamma)

@@ -110,6 +110,25 @@ def test_step_reward_losses(mode, tiny_mistral, scored_pairs, tmp_path):
     assert sum(got[-4:]) < sum(got[:4])
 
 
+def test_dpop_holds_the_chosen_steps_up_where_dpo_lets_them_fall(tiny_mistral, synth_pairs, tmp_path):
+    """DPO-Positive trains on unscored pairs. On these pairs plain DPO at this rate meets its objective partly by
+    lowering the chosen steps too (their implicit reward beta * (c - c0) goes below zero, the likelihood displacement
+    DPOP was made for); with the same data, seed and rate, DPOP's penalty keeps them above the reference."""
+    pairs = synth_pairs / "train" / "pairs.jsonl"
+    common = dict(max_steps=16, per_device_train_batch_size=8, lr_scheduler_type="constant")
+    dpo = train(config(tmp_path / "dpo", tiny_mistral, pairs, **common))["log_history"]
+    dpop = train(config(tmp_path / "dpop", tiny_mistral, pairs, step_loss="dpop", dpop_lambda=50.0,
+                        **common))["log_history"]
+    for history in (dpo, dpop):
+        assert losses(history)[0] == pytest.approx(LN2, abs=1e-6)  # policy == reference: no penalty yet
+        assert all(math.isfinite(x) for x in losses(history))
+    chosen = {name: [h["rewards/chosen"] for h in history if "rewards/chosen" in h][1:]
+              for name, history in (("dpo", dpo), ("dpop", dpop))}
+    assert len(chosen["dpop"]) == 15
+    assert all(r < 0 for r in chosen["dpo"])
+    assert all(r > 0 for r in chosen["dpop"])
+
+
 def test_step_losses_need_rewards(tiny_mistral, synth_pairs, tmp_path):
     from stepdpo.data.pairs import PairFileError
 

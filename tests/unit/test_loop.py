@@ -66,3 +66,21 @@ def test_dpo_epochs_set_the_steps_from_the_pairs_mined():
     assert dpo_steps_for(137, 1, 8, cap=2) == 2  # --quick's few steps
     with pytest.raises(OptionsError, match="--dpo-epochs: -1.0: a number of epochs >= 0"):
         LoopOptions(dpo_epochs=-1.0)
+
+
+def test_dpop_takes_the_dpo_stage_and_no_trl_loss_type():
+    from stepdpo.loop import _dpo_loss
+
+    dpop = LoopOptions(step_loss="dpop", dpop_lambda=5.0, loss_type=["sigmoid"], loss_weights=[1.0])
+    assert _dpo_loss(dpop) == {"step_loss": "dpop", "dpop_lambda": 5.0}
+    assert _dpo_loss(LoopOptions()) == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}
+    # the default loss types carry the NLL term, which DPOP does not take: said, not dropped
+    with pytest.raises(OptionsError, match=r"--loss-type: \['sigmoid', 'sft'\] with --step-loss dpop.*"
+                                           "set --loss-type sigmoid --loss-weights 1"):
+        LoopOptions(step_loss="dpop")
+    with pytest.raises(OptionsError, match="--dpop-lambda: is read by --step-loss dpop only"):
+        LoopOptions(dpop_lambda=5.0)
+    # the recipe's loss is DPOP's, so `--step-loss dpop` is all a recipe run needs
+    options, _ = parse("loop", ["--config", str(REPO / "configs" / "recipes" / "smollm2-135m" / "loop_arith.yaml"),
+                                "--step-loss", "dpop", "--out", "/tmp/unused"])
+    assert _dpo_loss(options) == {"step_loss": "dpop", "dpop_lambda": 50.0}

@@ -20,11 +20,19 @@ def cfg(**kw):
 @pytest.mark.parametrize("option", [{"loss_type": ["ipo"]}, {"ld_alpha": 0.5}, {"use_weighting": True},
                                     {"label_smoothing": 0.1}, {"f_divergence_type": "js_divergence"},
                                     {"loss_weights": [1.0]}])
-@pytest.mark.parametrize("mode", ["step_weighted", "step_margin", "seed"])
+@pytest.mark.parametrize("mode", ["step_weighted", "step_margin", "seed", "dpop"])
 def test_step_modes_refuse_trl_loss_options_they_would_ignore(mode, option):
     name = next(iter(option))
     with pytest.raises(OptionsError, match=f"step_loss={mode} computes its own loss and would ignore {name}="):
         cfg(step_loss=mode, **option)
+
+
+def test_dpop_lambda_belongs_to_dpop():
+    assert cfg(step_loss="dpop", dpop_lambda=5.0).dpop_lambda == 5.0
+    with pytest.raises(OptionsError, match="dpop_lambda=5.0 is read by step_loss=dpop only .*'dpo'"):
+        cfg(dpop_lambda=5.0)
+    with pytest.raises(OptionsError, match="dpop_lambda=-1.0: a penalty >= 0"):
+        cfg(step_loss="dpop", dpop_lambda=-1.0)
 
 
 def test_dpo_mode_takes_them():

@@ -61,3 +61,24 @@ def test_reward_gap_carries_no_gradient():
 def test_unknown_weight_fn():
     with pytest.raises(ValueError, match="step_weight_fn"):
         losses.reward_weight(GAP, "cubic")
+
+
+def test_dpop_is_dpo_while_the_chosen_step_does_not_fall():
+    # c = -2.0 > c0 = -2.5: the penalty is zero, and the loss is DPO's -log sigmoid(0.1 * 1.0) = 0.644397
+    got = losses.dpop_loss(DELTA, C, C0, beta=0.1, lam=5.0)
+    assert got.item() == pytest.approx(0.644397, abs=1e-6)
+
+
+def test_dpop_charges_the_chosen_steps_fall():
+    # c, r, c0, r0 = -2.6, -3.5, -2.5, -2.5: delta = 0.9, the chosen step fell 0.1;
+    # -log sigmoid(0.1 * (0.9 - 5 * 0.1)) = -log sigmoid(0.04) = 0.673347 (the losses docstring)
+    c, r = torch.tensor([-2.6], requires_grad=True), torch.tensor([-3.5])
+    delta = losses.implicit_delta(c, r, C0, R0)
+    got = losses.dpop_loss(delta, c, C0, beta=0.1, lam=5.0)
+    assert got.item() == pytest.approx(0.673347, abs=1e-6)
+    got.sum().backward()
+    # d/dc = -(1 - sigmoid(0.04)) * 0.1 * (1 + 5): the penalty makes raising the chosen step six times as urgent
+    assert c.grad.item() == pytest.approx(-(1 - 1 / (1 + math.exp(-0.04))) * 0.1 * 6, abs=1e-7)
+    # lambda = 0 is DPO: -log sigmoid(0.09)
+    assert losses.dpop_loss(delta, c, C0, beta=0.1, lam=0.0).item() == pytest.approx(
+        math.log(1 + math.exp(-0.09)), abs=1e-7)
