@@ -41,6 +41,33 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# Keys of a pair record that say where it came from, not what it trains: mined pairs name their problem file's
+# absolute path and sample, so the same pairs in a moved or copied run directory had another file fingerprint and
+# its DPO model trained again (each pair's id hashes its content, not its provenance).
+PROVENANCE = frozenset({"source"})
+RECORDS = "records:"  # a records_fingerprint's prefix: older fingerprints of pair files are file_fingerprints
+
+
+def records_fingerprint(path: str | Path) -> str:
+    """sha256 of a JSON-lines file's records without their PROVENANCE keys (each record in a canonical form, in file
+    order): the pairs a run trains on, wherever their source files lie. Reads the whole file; a line that is not a
+    JSON object is hashed as it is."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                line = json.dumps({k: v for k, v in record.items() if k not in PROVENANCE}, sort_keys=True,
+                                  ensure_ascii=False).encode()
+            h.update(line.rstrip(b"\r\n") + b"\n")
+    return RECORDS + h.hexdigest()
+
+
 def _model_file_fingerprint(path: Path) -> str:
     """file_fingerprint, but a file named in LOAD_STATE is hashed as its JSON content without those keys (whether or
     not a loader wrote them), so the same model saved offline, online, or by another tool has one identity."""

@@ -287,10 +287,10 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
 # Settings that change what a training stage reports, not what it trains: --reuse ignores them (a model trained
 # before the loop logged every 5 steps instead of 25 is the same model).
 NOT_TRAINING = frozenset({"logging_steps", "logging_first_step", "disable_tqdm", "report_to", "logging_dir"})
-# Where things lie, not what they are: the fingerprint compares the model and the data by content, and the output
-# directory is the one being reused, so a run directory that was moved or renamed keeps its SFT model and controls
-# (before, the saved paths differed and every stage trained again). The DPO stage trains again there: mine's pairs
-# record their problem file's path, so its pairs file differs from the one it was trained on.
+# Where things lie, not what they are: the fingerprint compares the model and the data by content (mined pairs
+# without their provenance, which names the problem file's path), and the output directory is the one being reused,
+# so a run directory that was moved or renamed keeps every trained model (before, the saved paths differed and
+# every stage trained again; then the DPO stage still did, its pairs naming the old problem file).
 LOCATIONS = frozenset({"output_dir", "model_name_or_path", "train_pairs", "eval_pairs", "train_data", "eval_data"})
 
 
@@ -304,16 +304,15 @@ def _dpo_loss(o: LoopOptions) -> dict:
 def _train_once(config, run, reuse: bool) -> None:
     """Run a training stage, or with --reuse keep the model an earlier run left in its output_dir when it is complete
     and was trained with these settings (the saved config) from the same model and data (the fingerprint)."""
-    from stepdpo.train.checkpoint import FINGERPRINT, RUN_CONFIG, is_complete, run_fingerprint
+    from stepdpo.train.checkpoint import FINGERPRINT, RUN_CONFIG, fingerprint_mismatches, is_complete
 
     final = Path(config.output_dir) / "final"
     if reuse and is_complete(final) and (final / RUN_CONFIG).is_file() and (final / FINGERPRINT).is_file():
         ignored = NOT_TRAINING | LOCATIONS
         saved = {k: v for k, v in json.loads((final / RUN_CONFIG).read_text()).items() if k not in ignored}
         now = json.loads(json.dumps(config.to_dict(), default=str))
-        was, is_ = json.loads((final / FINGERPRINT).read_text()), run_fingerprint(config)
         if saved == {k: v for k, v in now.items() if k in saved} and \
-                (was.get("model"), was.get("data")) == (is_["model"], is_["data"]):
+                not fingerprint_mismatches(json.loads((final / FINGERPRINT).read_text()), config, every_file=True):
             print(f"reused {final}: complete, same settings, model and data")
             return
     merged = final.parent / "merged"

@@ -110,18 +110,27 @@ def rotate_complete_checkpoints(output_dir: str | Path, limit: int | None, best:
 FINGERPRINT = "stepdpo_fingerprint.json"
 
 
+PAIR_FILES = ("train_pairs", "eval_pairs")  # fingerprinted by their records, without provenance
+
+
+def _data_file(value) -> Path:
+    path = Path(value)
+    return path / "pairs.jsonl" if path.is_dir() else path
+
+
 def run_fingerprint(args) -> dict:
     """What a checkpoint was trained from: the model's identity (hub commit, or a hash of its files) and the
-    data files' fingerprints. A resumed run must match it."""
-    from stepdpo.identity import file_fingerprint, model_identity
+    data files' fingerprints (pair files by their records without provenance, identity.records_fingerprint). A
+    resumed run must match it, and a run reused by `stepdpo loop --reuse` too."""
+    from stepdpo.identity import file_fingerprint, model_identity, records_fingerprint
 
     data = {}
-    for key in ("train_pairs", "eval_pairs", "train_data", "eval_data"):
+    for key in (*PAIR_FILES, "train_data", "eval_data"):
         value = getattr(args, key, None)
         if value:
-            path = Path(value)
-            path = path / "pairs.jsonl" if path.is_dir() else path
-            data[key] = file_fingerprint(path) if path.is_file() else None
+            path = _data_file(value)
+            data[key] = (records_fingerprint if key in PAIR_FILES else file_fingerprint)(path) if path.is_file() \
+                else None
     return {"model": model_identity(args.model_name_or_path, revision=getattr(args, "model_revision", None)),
             "model_name_or_path": args.model_name_or_path, "data": data}
 
@@ -133,6 +142,31 @@ def save_fingerprint(args, directory: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def fingerprint_mismatches(saved: dict, args, *, every_file: bool) -> list[str]:
+    """How the run `args` describes differs from the one that wrote the fingerprint `saved`: its model, or a data
+    file. every_file: a file named by one run and not by the other differs too (`loop --reuse` keeps a model only
+    when it was trained from the same data); without it (resuming) only the files both name are compared, since
+    older checkpoints named fewer. A pair file saved before records_fingerprint existed is compared by its bytes."""
+    from stepdpo.identity import RECORDS, file_fingerprint
+
+    now = run_fingerprint(args)
+    problems = []
+    if saved.get("model") != now["model"]:
+        problems.append(f"model {saved.get('model_name_or_path')} ({saved.get('model')}) there, "
+                        f"{now['model_name_or_path']} ({now['model']}) now")
+    was = saved.get("data", {})
+    for key in sorted(set(now["data"]) | set(was) if every_file else set(now["data"]) & set(was)):
+        if key not in now["data"] or key not in was:
+            problems.append(f"{key} {'named' if key in was else 'not named'} by the run that trained it")
+            continue
+        value = now["data"][key]
+        if was[key] and value and not was[key].startswith(RECORDS) and value.startswith(RECORDS):
+            value = file_fingerprint(_data_file(getattr(args, key)))
+        if was[key] != value:
+            problems.append(f"{key} differs from the file it was trained on")
+    return problems
+
+
 def check_fingerprint(args, checkpoint: str | Path) -> None:
     """Raise (naming both and the way out) when `checkpoint` was trained from another model or other data."""
     from stepdpo.errors import OptionsError
@@ -140,14 +174,7 @@ def check_fingerprint(args, checkpoint: str | Path) -> None:
     path = Path(checkpoint) / FINGERPRINT
     if not path.is_file():
         return  # written before fingerprints existed: nothing to compare
-    saved, now = json.loads(path.read_text()), run_fingerprint(args)
-    problems = []
-    if saved.get("model") != now["model"]:
-        problems.append(f"model {saved.get('model_name_or_path')} ({saved.get('model')}) there, "
-                        f"{now['model_name_or_path']} ({now['model']}) now")
-    for key, value in now["data"].items():
-        if key in saved.get("data", {}) and saved["data"][key] != value:
-            problems.append(f"{key} differs from the file it was trained on")
+    problems = fingerprint_mismatches(json.loads(path.read_text()), args, every_file=False)
     if problems:
         raise OptionsError(
             f"{checkpoint} belongs to another run: {'; '.join(problems)}. Resuming would continue that run. Pass "

@@ -51,7 +51,7 @@ def test_the_same_command_gives_the_same_summary_twice(two_runs):
 def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs):
     """--reuse: a second run with DPO's rate changed and its steps set by --dpo-epochs keeps the SFT model and every
     cached generation, and trains DPO and the controls (which match DPO's rate and steps) again; a run directory
-    moved elsewhere keeps SFT and the controls."""
+    moved elsewhere keeps every model."""
     run = two_runs[0] / "a"
     sft_weights = (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
     # a model trained when the loop logged every 25 steps is the same model: reporting settings do not count
@@ -86,18 +86,16 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     # both splits' numbers stay: the validation run wrote its own copy and left the test run's alone
     assert (run / "summary_validation.json").read_text() == (run / "summary.json").read_text()
     assert json.loads((run / "summary_test.json").read_text()) == s
-    # the run directory moved: SFT and the control are the same models trained from the same model and data (by
-    # content), so they are kept (before, the saved paths differed and every stage trained again). DPO trains again:
-    # its pairs record their problem file's path (provenance), so the pairs file is not the one it was trained on.
+    # the run directory moved: every model is the same model trained from the same model and data (by content), so
+    # each is kept. Before, the saved paths differed and every stage trained again; then DPO still did, because the
+    # mined pairs name their problem file's new path (provenance, which the pairs' fingerprint now leaves out).
     moved = run.with_name("a-moved")
     run.rename(moved)
     res = _loop(moved, *REDUCED, *changed, "--evaluate", "validation")
     this_run = res.stdout + (moved / "loop.log").read_text().split("===== loop: model")[-1]
-    kept = ("sft", "control_sft")
-    assert all(f"reused {moved / stage / 'final'}" in this_run for stage in kept), this_run[-3000:]
-    assert {stage: (moved / stage / "final" / "model.safetensors").stat().st_mtime_ns for stage in kept} == {
-        stage: weights[stage] for stage in kept}
-    assert f"reused {moved / 'dpo' / 'final'}" not in this_run
+    assert all(f"reused {moved / stage / 'final'}" in this_run for stage in weights), this_run[-3000:]
+    assert {stage: (moved / stage / "final" / "model.safetensors").stat().st_mtime_ns for stage in weights} == weights
+    assert str(moved / "problems") in (moved / "mine" / "pairs.jsonl").read_text()  # the provenance did change
 
 
 def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):
