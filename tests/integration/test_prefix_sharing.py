@@ -104,6 +104,7 @@ LOSSES = {
     "step_weighted": dict(step_loss="step_weighted"),
     "step_margin": dict(step_loss="step_margin"),
     "seed": dict(step_loss="seed"),
+    "dpop": dict(step_loss="dpop", dpop_lambda=5.0),
 }
 
 
