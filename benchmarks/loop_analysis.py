@@ -9,8 +9,9 @@ For a run directory of `stepdpo loop` it reports
   mine --locate equations` uses): a pair is clean when its prefix holds no false equation, its chosen step no false
   equation, and its rejected step at least one. This reads the intermediate steps only; answers are graded by
   math-verify (`stepdpo grade`), never here;
-- each model's greedy solutions (answers_*/samples.jsonl): the share of false equations among the equations they
-  write, steps per solution, and how many end without a stated answer;
+- each model's greedy solutions (answers_*/samples.jsonl, the split measured last, or with --split S
+  answers_*/samples_S.jsonl): the share of false equations among the equations they write, steps per solution, and
+  how many end without a stated answer;
 - the learning curves of the DPO stage and the controls (train_summary.json / sft_summary.json: every logged step).
 """
 
@@ -61,9 +62,10 @@ def curve(path: Path) -> list[dict]:
             for h in history if "loss" in h]
 
 
-def analyse(run: str | Path) -> dict:
+def analyse(run: str | Path, split: str | None = None) -> dict:
+    """split: whose solutions to read (validation or test); None: the split the run measured last."""
     run = Path(run)
-    out: dict = {"run": str(run)}
+    out: dict = {"run": str(run), "split": split or _last_split(run)}
     report = run / "mine" / "report.json"
     if report.is_file():
         r = json.loads(report.read_text())
@@ -79,14 +81,19 @@ def analyse(run: str | Path) -> dict:
             k = p["source"][0].get("error_step")
             steps[k] = steps.get(k, 0) + 1
         out["error_step"] = {str(k): v for k, v in sorted(steps.items())}
-    out["solutions"] = {name: solutions(run / d / "samples.jsonl") for name, d in MODELS.items()
-                        if (run / d / "samples.jsonl").is_file()}
+    samples = f"samples_{split}.jsonl" if split else "samples.jsonl"
+    out["solutions"] = {name: solutions(run / d / samples) for name, d in MODELS.items() if (run / d / samples).is_file()}
     out["curves"] = {name: curve(run / f) for name, f in STAGES.items() if (run / f).is_file()}
     return out
 
 
+def _last_split(run: Path) -> str | None:
+    summary = run / "summary.json"
+    return json.loads(summary.read_text())["task"]["evaluate"] if summary.is_file() else None
+
+
 def render(a: dict) -> str:
-    lines = [f"# {a['run']}"]
+    lines = [f"# {a['run']}" + (f" (solutions to the {a['split']} problems)" if a.get("split") else "")]
     if "locator" in a:
         lines.append("locator: " + ", ".join(f"{k} {v}" for k, v in a["locator"].items()))
     if "pair_quality" in a:
@@ -109,11 +116,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a `stepdpo loop` output directory")
     parser.add_argument("--json", help="also write the analysis here")
+    parser.add_argument("--split", choices=("validation", "test"),
+                        help="read the solutions to these problems (default: the split the run measured last)")
     a = parser.parse_args(argv)
     if not (Path(a.run) / "summary.json").is_file() and not (Path(a.run) / "mine").is_dir():
         raise SystemExit(f"benchmarks.loop_analysis: {a.run} is not a `stepdpo loop` output directory (no summary.json "
                          "or mine/); pass the --out of a loop run")
-    result = analyse(a.run)
+    missing = a.split and not any((Path(a.run) / d / f"samples_{a.split}.jsonl").is_file() for d in MODELS.values())
+    if missing:
+        raise SystemExit(f"benchmarks.loop_analysis: {a.run} holds no solutions to the {a.split} problems "
+                         f"(answers_*/samples_{a.split}.jsonl): measure them with `stepdpo loop ... --evaluate "
+                         f"{a.split} --reuse`, which generates only what its caches lack")
+    result = analyse(a.run, a.split)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     print(render(result), end="")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,8 +318,6 @@ def _train_once(config, run, reuse: bool) -> None:
             return
     merged = final.parent / "merged"
     if merged.exists():  # a merge of another run's adapter must not survive this run
-        import shutil
-
         shutil.rmtree(merged)
     run(config)
 
@@ -401,6 +400,8 @@ def _answers(model, out: Path, problems: Path, o: LoopOptions, servers: "_Server
                              progress=o.progress, chat_template=o.chat_template, system_prompt=o.system_prompt,
                              instruction=o.instruction))
     report = grade(GradeOptions(problems=str(problems), samples=str(out), out=str(out / "graded")))
+    # samples.jsonl is the split measured last; samples_<split>.jsonl keeps each split's (see _write_summary)
+    shutil.copyfile(out / "samples.jsonl", out / f"samples_{o.evaluate}.jsonl")
     correct = {}
     for line in (out / "graded" / "grades.jsonl").read_text(encoding="utf-8").splitlines():
         g = json.loads(line)
@@ -453,8 +454,8 @@ def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dic
 def _write_summary(out: Path, summary: dict) -> None:
     """OUT/summary.json (the latest run) and OUT/summary_<validation|test>.json: the protocol measures both splits in
     one run directory (--evaluate validation, then --evaluate test --reuse), and the test run must not take the
-    validation numbers with it (before, it overwrote the one summary; the answers_* folders still hold the samples
-    of the split measured last)."""
+    validation numbers with it (before, it overwrote the one summary). The answers_* folders keep each split's
+    samples the same way (samples.jsonl and samples_<split>.jsonl)."""
     text = json.dumps(summary, indent=2) + "\n"
     (out / "summary.json").write_text(text)
     (out / f"summary_{summary['task']['evaluate']}.json").write_text(text)

@@ -86,6 +86,10 @@ def test_reuse_keeps_what_an_earlier_run_trained_with_the_same_settings(two_runs
     # both splits' numbers stay: the validation run wrote its own copy and left the test run's alone
     assert (run / "summary_validation.json").read_text() == (run / "summary.json").read_text()
     assert json.loads((run / "summary_test.json").read_text()) == s
+    # and so do both splits' samples: samples.jsonl is the split measured last
+    for d in ("answers_before", "answers_after", "answers_control_sft"):
+        samples = {split: (run / d / f"samples_{split}.jsonl").read_text() for split in ("validation", "test")}
+        assert samples["validation"] != samples["test"] and samples["validation"] == (run / d / "samples.jsonl").read_text()
     # the run directory moved: every model is the same model trained from the same model and data (by content), so
     # each is kept. Before, the saved paths differed and every stage trained again; then DPO still did, because the
     # mined pairs name their problem file's new path (provenance, which the pairs' fingerprint now leaves out).

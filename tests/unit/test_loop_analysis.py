@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.loop_analysis import analyse, pair_quality
 
 
@@ -38,6 +40,25 @@ def test_a_run_directory_is_read_as_the_loop_writes_it(tmp_path):
     assert a["solutions"] == {"A0": {"solutions": 2, "equations": 3, "false_equations": 1, "false_share": 0.3333,
                                      "steps_per_solution": 2.0, "no_answer_line": 1}}
     assert a["curves"] == {"dpo": [{"step": 5, "loss": 0.69, "rewards/margins": 0.0}]}
+
+
+def test_each_split_s_solutions_are_read_from_their_own_file(tmp_path, capsys):
+    from benchmarks.loop_analysis import main
+
+    d = tmp_path / "answers_after"
+    d.mkdir()
+    (tmp_path / "summary.json").write_text(json.dumps({"task": {"evaluate": "test"}}))
+    for name, text in (("samples_validation.jsonl", "2 + 2 = 5"), ("samples_test.jsonl", "2 + 2 = 4"),
+                       ("samples.jsonl", "2 + 2 = 4")):  # the loop's copy of the split measured last
+        (d / name).write_text(json.dumps({"text": text, "steps": [text]}) + "\n")
+    assert analyse(tmp_path)["split"] == "test" and analyse(tmp_path)["solutions"]["A1"]["false_equations"] == 0
+    validation = analyse(tmp_path, "validation")
+    assert validation["split"] == "validation" and validation["solutions"]["A1"]["false_equations"] == 1
+    assert main([str(tmp_path), "--split", "validation"]) == 0
+    assert "(solutions to the validation problems)" in capsys.readouterr().out
+    (d / "samples_validation.jsonl").unlink()
+    with pytest.raises(SystemExit, match="no solutions to the validation problems .*--evaluate validation --reuse"):
+        main([str(tmp_path), "--split", "validation"])
 
 
 def test_the_results_table_shows_a_stopped_run_and_why():
