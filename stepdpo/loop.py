@@ -424,6 +424,10 @@ def _summary(o: LoopOptions, files: dict, results: dict, mined: dict, times: dic
                           "what": NAMES[name]}
     paired = {f"A1_vs_{name}": paired_comparison(results["A1"]["correct"], results[name]["correct"])
               for name in results if name != "A1" and "A1" in results}
+    # each control against the policy it started from, on the same problems: whether further training of the
+    # control's kind moved A0 at all is the yardstick for A1's change
+    paired |= {f"{name}_vs_A0": paired_comparison(results[name]["correct"], results["A0"]["correct"])
+               for name in results if name not in ("A0", "A1")}
     mine_report = {k: v for k, v in mined.items() if k not in ("stages", "vllm")}
     seconds = {"stages": times, "total": round(sum(times.values()), 2), "mine": mined.get("stages", {})}
     settings = dataclasses.asdict(o)

@@ -52,7 +52,11 @@ def test_the_main_command_runs_the_loop_and_prints_the_readmes_numbers(demo_loop
     assert set(a) == {"A0", "A1", "sft", "rft", "sft_at_sft_lr"}
     assert 0.2 <= a["A0"]["accuracy"] <= 0.8 and a["A1"]["accuracy"] > a["A0"]["accuracy"]  # room, and a rise
     assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["problems"] == 177 for r in a.values())
-    assert set(s["paired_tests"]) == {"A1_vs_A0", "A1_vs_sft", "A1_vs_rft", "A1_vs_sft_at_sft_lr"}
+    assert set(s["paired_tests"]) == {"A1_vs_A0", "A1_vs_sft", "A1_vs_rft", "A1_vs_sft_at_sft_lr", "sft_vs_A0",
+                                      "rft_vs_A0", "sft_at_sft_lr_vs_A0"}
+    for name in ("A1", "sft", "rft", "sft_at_sft_lr"):  # each paired difference is the accuracies' difference
+        test = s["paired_tests"][f"{name}_vs_A0"] if name != "A1" else s["paired_tests"]["A1_vs_A0"]
+        assert test["difference"] == pytest.approx(a[name]["accuracy"] - a["A0"]["accuracy"], abs=1e-12)
     assert s["mined_pairs"] == s["mine"]["pairs"] > 0 and s["task"]["eval_problems"] == 177
     assert s["generations"]["mine"] == s["mine"]["generations"] > 0
     assert {"sft", "answers A0", "mine", "train (stepwise DPO)", "answers A1", "control sft",

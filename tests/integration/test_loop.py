@@ -122,7 +122,7 @@ def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):
     assert s["settings"]["dpo_steps"] == 2 and s["mined_pairs"] > 0
     assert (tmp_path / "run" / "model" / "stepdpo_provenance.json").is_file()
     assert set(s["accuracy"]) == {"A0", "A1", "sft", "rft"} and set(s["paired_tests"]) == {
-        "A1_vs_A0", "A1_vs_sft", "A1_vs_rft"}
+        "A1_vs_A0", "A1_vs_sft", "A1_vs_rft", "sft_vs_A0", "rft_vs_A0"}
     for row in s["accuracy"].values():
         assert row["problems"] == s["task"]["eval_problems"] > 0 and 0 <= row["ci95"][0] <= row["ci95"][1] <= 1
     assert s["generations"]["mine"] > 0 and {"sft", "mine", "train (stepwise DPO)"} <= set(s["seconds"]["stages"])
