@@ -33,6 +33,7 @@ from pathlib import Path
 from stepdpo.data.pairs import DEFAULT_INSTRUCTION
 from stepdpo.errors import StepdpoError
 from stepdpo.options import check, check_choice, opt
+from stepdpo.train import DPOP_LAMBDA
 
 CONTROLS = ("sft", "rft", "sft_at_sft_lr")
 SCHEDULES = ("constant", "linear", "cosine", "constant_with_warmup")
@@ -110,7 +111,7 @@ class LoopOptions:
     step_loss: str = opt("dpo", "dpo: TRL's loss, as --loss-type says. dpop: DPO-Positive (Smaug), which also "
                          "charges --dpop-lambda for every nat a chosen step falls below the reference; it computes "
                          "its own loss, so it takes --loss-type sigmoid --loss-weights 1.", choices=("dpo", "dpop"))
-    dpop_lambda: float = opt(50.0, "--step-loss dpop: the penalty per nat (Smaug's 50).")
+    dpop_lambda: float = opt(DPOP_LAMBDA, "--step-loss dpop: the penalty per nat (Smaug's 50).")
     lr_scheduler_type: str = opt("constant", "Schedule of the DPO stage and the controls.", choices=SCHEDULES)
     warmup: float = opt(0.0, "Warm-up of the DPO stage and the controls: a fraction of their steps below 1, else a "
                         "number of steps.")
@@ -145,11 +146,13 @@ class LoopOptions:
         check(self.evaluate != "validation" or self.validation_problems > 0, "evaluate",
               "validation needs --validation-problems N")
         check(len(self.loss_type) == len(self.loss_weights), "loss_weights", "one weight per --loss-type")
+        # StepwiseDPOConfig checks the DPOP settings too, but the loop builds it only once mining is done: checked
+        # here, a wrong setting fails before the run starts, not after its mining
         check_choice(self.step_loss, "step_loss", ("dpo", "dpop"))
         check(self.step_loss == "dpo" or (list(self.loss_type), list(self.loss_weights)) == (["sigmoid"], [1.0]),
               "loss_type", f"{list(self.loss_type)} with --step-loss dpop, which computes its own loss (DPO and its "
               "penalty, no NLL term): set --loss-type sigmoid --loss-weights 1")
-        check(self.step_loss == "dpop" or self.dpop_lambda == 50.0, "dpop_lambda", "is read by --step-loss dpop only")
+        check(self.step_loss == "dpop" or self.dpop_lambda == DPOP_LAMBDA, "dpop_lambda", "is read by --step-loss dpop only")
         check(self.dpop_lambda >= 0, "dpop_lambda", f"{self.dpop_lambda}: a penalty >= 0 (0 is plain DPO)")
         check(self.batch % self.gradient_accumulation == 0, "gradient_accumulation", "must divide --batch")
         check(self.dpo_epochs >= 0, "dpo_epochs", f"{self.dpo_epochs}: a number of epochs >= 0 (0: --dpo-steps)")

@@ -17,6 +17,7 @@ from trl import DPOConfig
 
 from stepdpo.data.pairs import CHAT_MODES, DEFAULT_INSTRUCTION
 from stepdpo.errors import OptionsError
+from stepdpo.train import DPOP_LAMBDA
 from stepdpo.train.losses import STEP_LOSSES, WEIGHT_FNS
 # Fields that must never reach a saved config, a log or a checkpoint.
 SECRET_FIELDS = ("hub_token",)
@@ -146,7 +147,7 @@ class StepwiseDPOConfig(ModelArgs, DPOConfig):
         metadata={"help": "step_weighted: w = 2*sigmoid(gamma*dr) (sigmoid) or max(gamma*dr, 0) (linear).", "choices": list(WEIGHT_FNS)},
     )
     dpop_lambda: float = field(
-        default=50.0,
+        default=DPOP_LAMBDA,
         metadata={"help": "step_loss=dpop: lambda, the penalty per nat the chosen step's log-probability falls below "
                   "the reference's (Smaug's value is 50)."},
     )
@@ -171,7 +172,7 @@ class StepwiseDPOConfig(ModelArgs, DPOConfig):
             raise OptionsError(f"step_loss={self.step_loss!r}: choose one of {', '.join(STEP_LOSSES)}")
         if self.step_weight_fn not in WEIGHT_FNS:
             raise OptionsError(f"step_weight_fn={self.step_weight_fn!r}: choose one of {', '.join(WEIGHT_FNS)}")
-        if self.step_loss != "dpop" and self.dpop_lambda != 50.0:
+        if self.step_loss != "dpop" and self.dpop_lambda != DPOP_LAMBDA:
             raise OptionsError(f"dpop_lambda={self.dpop_lambda} is read by step_loss=dpop only (step_loss is "
                                f"{self.step_loss!r}): remove it, or set step_loss=dpop")
         if self.dpop_lambda < 0:
