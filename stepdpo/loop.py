@@ -92,6 +92,8 @@ class LoopOptions:
     rollouts: int = opt(4, "M: continuations per prefix.")
     max_wrong: int = opt(2, "Wrong solutions examined per problem.")
     temperature: float = opt(1.0, "Mining temperature.")
+    sample_temperature: float | None = opt(None, "Mining: the K examined solutions' temperature (default: "
+                                           "--temperature; 0: greedy, with --samples 1; see `stepdpo mine --help`).")
     top_k: int = opt(50, "Mining top_k (0: the whole vocabulary).")
     locate: str = opt("rollout", "How mining finds the wrong step: rollout, or equations (the first step stating a "
                       "false equation; see `stepdpo mine --help`).", choices=("rollout", "equations"))
@@ -155,6 +157,12 @@ class LoopOptions:
         check(self.step_loss == "dpop" or self.dpop_lambda == DPOP_LAMBDA, "dpop_lambda", "is read by --step-loss dpop only")
         check(self.dpop_lambda >= 0, "dpop_lambda", f"{self.dpop_lambda}: a penalty >= 0 (0 is plain DPO)")
         check(self.batch % self.gradient_accumulation == 0, "gradient_accumulation", "must divide --batch")
+        # MineOptions checks these too, but only once A0 is trained: checked here, before the run starts
+        check(self.sample_temperature is None or self.sample_temperature >= 0, "sample_temperature",
+              f"{self.sample_temperature}: a temperature >= 0 (0: greedy)")
+        check(self.sample_temperature != 0 or self.samples == 1, "samples",
+              f"{self.samples} greedy solutions per problem would be one solution {self.samples} times: with "
+              "--sample-temperature 0 set --samples 1")
         check(self.dpo_epochs >= 0, "dpo_epochs", f"{self.dpo_epochs}: a number of epochs >= 0 (0: --dpo-steps)")
         check(self.dpo_steps >= 1 and self.mine_problems >= 1 and self.train_problems >= 1, "dpo_steps",
               "--dpo-steps, --mine-problems and --train-problems must be >= 1")
@@ -240,7 +248,8 @@ def _run(o: LoopOptions, out: Path, console) -> dict:
             urls = servers.urls(policy)
             mined = mine(MineOptions(problems=str(files["mine"]), model=str(policy), out=str(out / "mine"),
                                      samples=o.samples, rollouts=o.rollouts, max_wrong=o.max_wrong,
-                                     temperature=o.temperature, top_k=o.top_k, locate=o.locate,
+                                     temperature=o.temperature, sample_temperature=o.sample_temperature,
+                                     top_k=o.top_k, locate=o.locate,
                                      error_rule=o.error_rule,
                                      chosen_min_success=o.chosen_min_success, max_new_tokens=o.max_new_tokens,
                                      batch_size=o.generate_batch, seed=o.seed, backend="vllm" if urls else "hf",

@@ -129,6 +129,13 @@ def policy_identity(model: str, settings: dict, style: str, backend: str) -> str
     return json.dumps([model, settings, style] + ([{"sampling": scheme}] if scheme else []))
 
 
+def with_settings(identity: str, settings: dict) -> str:
+    """`identity` (from policy_identity) with other sampling settings: the same model, prompts and backend."""
+    parts = json.loads(identity)
+    parts[1] = settings
+    return json.dumps(parts)
+
+
 @dataclass(frozen=True)
 class Unit:
     """One sample to draw: a problem, the steps already written (empty for a whole solution), its index."""

@@ -29,7 +29,7 @@ from stepdpo.data.pairs import make_pair, write_jsonl
 from stepdpo.generate.answers import equivalent, locate_answer, parse_answer
 from stepdpo.generate.equations import step_verdict
 from stepdpo.generate.generate import (PolicyOptions, SampleCache, VLLMGenerator, make_units, open_policy,
-                                      run_generation)
+                                      run_generation, with_settings)
 from stepdpo.generate.problems import Problem, read_problems
 from stepdpo.errors import StepdpoError
 from stepdpo.options import REQUIRED, check, check_choice, opt
@@ -66,7 +66,13 @@ class MineOptions(PolicyOptions):
     chosen_min_success: float = opt(0.5, "A chosen step must itself lead to the right answer: M continuations after it "
                                     "must reach it at least this often (a correct answer reached through a wrong step "
                                     "by luck is not a chosen step). 0 turns the check off.")
-    temperature: float = opt(0.8, "Sampling temperature (solutions and continuations).")
+    temperature: float = opt(0.8, "Sampling temperature (the continuations, and the K solutions unless "
+                             "--sample-temperature says otherwise).")
+    sample_temperature: float | None = opt(None, "Temperature of the K solutions that are examined (default: "
+                                           "--temperature). 0: the policy's greedy solution (with --samples 1), so "
+                                           "every pair sits at an error greedy decoding makes, which is what a greedy "
+                                           "evaluation measures; the continuations that locate and correct it keep "
+                                           "--temperature.")
     max_new_tokens: int = opt(128, "Most tokens per solution or continuation.")
     batch_size: int = opt(32, "Prompts per forward pass / per request.")
     reward_model: str | None = opt(None, "--locate prm: the process reward model.")
@@ -85,6 +91,18 @@ class MineOptions(PolicyOptions):
         check(self.locate != "prm" or bool(self.reward_model), "reward_model", "--locate prm needs --reward-model")
         check(self.reward_backend != "vllm" or bool(self.reward_url), "reward_url",
               "--reward-backend vllm needs --reward-url")
+        check(self.sample_temperature is None or self.sample_temperature >= 0, "sample_temperature",
+              f"{self.sample_temperature}: a temperature >= 0 (0: greedy)")
+        check(self.sample_temperature != 0 or self.samples == 1, "samples",
+              f"{self.samples} greedy solutions per problem would be one solution {self.samples} times: with "
+              "--sample-temperature 0 set --samples 1")
+
+    def solution_settings(self) -> dict:
+        """The K solutions' sampling settings: --sample-temperature in place of --temperature."""
+        settings = self.sampling_settings()
+        if self.sample_temperature is not None:
+            settings["temperature"] = float(self.sample_temperature)  # 0 and 0.0 are one cache key
+        return settings
 
 
 class _Sampler:
@@ -93,14 +111,22 @@ class _Sampler:
     def __init__(self, options: MineOptions, model=None):
         self.settings = options.sampling_settings()
         self.tokenizer, self.style, self.identity, self.generator = open_policy(options, self.settings, model)
+        # the K solutions: their own settings, and so their own cache keys and seeds
+        self.solution_settings = options.solution_settings()
+        self.solution_identity = (self.identity if self.solution_settings == self.settings
+                                  else with_settings(self.identity, self.solution_settings))
         self.cache = SampleCache(Path(options.out) / "mine_cache.jsonl")
         self.batch_size, self.progress = options.batch_size, options.progress
         self.generated = self.cache_hits = 0
 
-    def draw(self, requests: list[tuple[Problem, tuple[str, ...]]], n: int) -> list[list[dict]]:
-        groups = [make_units([p], self.tokenizer, self.style, n, self.identity, prefix) for p, prefix in requests]
+    def draw(self, requests: list[tuple[Problem, tuple[str, ...]]], n: int, solutions: bool = False
+             ) -> list[list[dict]]:
+        """n samples after each (problem, prefix): continuations, or with `solutions` the K whole solutions."""
+        settings, identity = ((self.solution_settings, self.solution_identity) if solutions
+                              else (self.settings, self.identity))
+        groups = [make_units([p], self.tokenizer, self.style, n, identity, prefix) for p, prefix in requests]
         units = [u for g in groups for u in g]
-        counts = run_generation(units, self.generator, self.settings, self.cache, batch_size=self.batch_size,
+        counts = run_generation(units, self.generator, settings, self.cache, batch_size=self.batch_size,
                                 progress=self.progress)
         self.generated += counts["generated"]
         self.cache_hits += counts["cache_hits"]
@@ -151,7 +177,7 @@ def mine(options: MineOptions, model=None) -> dict:
     gold = {p.id: parse_answer(p.answer) for p in problems}
     try:
         t = time.perf_counter()
-        first = sampler.draw([(p, ()) for p in problems], options.samples)
+        first = sampler.draw([(p, ()) for p in problems], options.samples, solutions=True)
         stages["sample"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         wrong: list[tuple[Problem, dict]] = []
@@ -168,10 +194,20 @@ def mine(options: MineOptions, model=None) -> dict:
         t = time.perf_counter()
         # rollouts from a prefix, shared by every wrong sample of a problem that has that prefix
         rollouts: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
-        for p, rows in zip(problems, first):
-            rollouts[(p.id, ())] = rows  # the K first samples are the continuations of the empty prefix
+        start = solved  # the empty prefix's success rate (max_drop's first comparison)
+        if sampler.solution_settings == sampler.settings:
+            for p, rows in zip(problems, first):
+                rollouts[(p.id, ())] = rows  # the K first samples are the continuations of the empty prefix
+        elif options.locate == "rollout" and options.error_rule == "max_drop":
+            # solutions drawn at another temperature (greedy ones succeed 0 or 1 times) are not the continuations'
+            # rate: M continuations of the empty prefix give it, as for every other prefix
+            need = list(dict.fromkeys((p, ()) for p, _ in wrong))
+            for (p, prefix), rows in zip(need, sampler.draw(need, options.rollouts) if need else []):
+                rollouts[(p.id, prefix)] = rows
+            start = {p.id: sum(_reaches(gold[p.id], (), x["text"]) for x in rollouts[(p.id, ())]) / options.rollouts
+                     for p, _ in wrong}
         if options.locate == "rollout":
-            located = _locate_by_rollouts(wrong, rollouts, sampler, gold, options.rollouts, options.error_rule, solved)
+            located = _locate_by_rollouts(wrong, rollouts, sampler, gold, options.rollouts, options.error_rule, start)
         elif options.locate == "equations":
             located = [(p, r, k) for p, r in wrong if (k := _false_step(r)) is not None]
         else:
@@ -193,7 +229,7 @@ def mine(options: MineOptions, model=None) -> dict:
             candidates = [c for c in dict.fromkeys(candidates) if (c[0].id, c[1]) not in rollouts]
             for (p, prefix), rows in zip(candidates, sampler.draw(candidates, options.rollouts) if candidates else []):
                 rollouts[(p.id, prefix)] = rows
-        pairs = _pairs(located, rollouts, gold, options, solved)
+        pairs = _pairs(located, rollouts, gold, options, start)
         stages["correct"] = round(time.perf_counter() - t, 2)
     except VLLMError as e:  # every batch that arrived is in the cache: a re-run asks only for the rest
         raise MineError(f"{e} ({len(sampler.cache.rows)} generations so far are cached in "
@@ -207,6 +243,7 @@ def mine(options: MineOptions, model=None) -> dict:
         per_problem[pair["problem"]] += 1
     report = {
         "problems": len(problems), "samples": len(problems) * options.samples,
+        **({"sample_temperature": options.sample_temperature} if options.sample_temperature is not None else {}),
         "sample_accuracy": sum(solved.values()) / len(solved) if solved else 0.0,
         "solved_solutions": len(solved_rows), "wrong_examined": len(wrong),
         **({"right_answers_examined": examined_right} if options.locate == "equations" else {}),
@@ -228,7 +265,7 @@ def mine(options: MineOptions, model=None) -> dict:
 
 
 def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int, rule: str,
-                        solved: dict) -> list[tuple[Problem, dict, int]]:
+                        start: dict) -> list[tuple[Problem, dict, int]]:
     """Math-Shepherd's estimate, breadth-first over all wrong samples: at round k, M continuations from each
     sample's prefix ending at step k; the first k whose continuations never reach the answer is its error
     (first_zero), or the step up to it whose success rate falls most from the prefix before it (max_drop; the
@@ -247,7 +284,7 @@ def _locate_by_rollouts(wrong, rollouts, sampler: _Sampler, gold, m: int, rule: 
             rate = sum(_reaches(gold[p.id], prefix, x["text"]) for x in rollouts[(p.id, prefix)]) / m
             r.setdefault("_rates", {})[k] = rate
             if rate == 0:
-                located.append((p, r, k if rule == "first_zero" else _max_drop(r["_rates"], solved[p.id])))
+                located.append((p, r, k if rule == "first_zero" else _max_drop(r["_rates"], start[p.id])))
             elif k < len(r["steps"]):
                 still.append((p, r))
             # a wrong solution whose every prefix still reaches the answer: its error is not in a step; skip it
@@ -298,7 +335,7 @@ def _locate_by_prm(wrong, options: MineOptions) -> list[tuple[Problem, dict, int
     return located
 
 
-def _pairs(located, rollouts, gold, options: MineOptions, solved: dict) -> list[dict]:
+def _pairs(located, rollouts, gold, options: MineOptions, start: dict) -> list[dict]:
     merged: dict[tuple, dict] = {}
     for p, r, k in located:
         prefix = tuple(r["steps"][: k - 1])
@@ -310,7 +347,7 @@ def _pairs(located, rollouts, gold, options: MineOptions, solved: dict) -> list[
                   "correction_success_rate": len(good) / len(rows) if rows else 0.0}
         if "_rates" in r:
             source["rollout_success"] = {str(j): v for j, v in sorted(r["_rates"].items())}
-            source["sample_success"] = solved[p.id]  # the empty prefix's rate: max_drop's first comparison
+            source["sample_success"] = start[p.id]  # the empty prefix's rate: max_drop's first comparison
             source["error_rule"] = options.error_rule
         if "_rewards" in r:
             source["step_rewards"] = r["_rewards"]

@@ -150,3 +150,52 @@ def test_sft_raises_held_out_answer_accuracy_far_above_the_untrained_model(solve
         accuracy[name] = grade(GradeOptions(problems=str(tmp_path / "held_out.jsonl"), samples=str(tmp_path / name),
                                             out=str(tmp_path / name / "graded")))["accuracy"]
     assert accuracy["untrained"] == 0.0 and accuracy["sft"] >= 0.25, accuracy
+
+
+def test_greedy_solutions_put_every_pair_at_an_error_greedy_decoding_makes(solver, tmp_path):
+    """--sample-temperature 0: the one examined solution per problem is the policy's greedy one (what `generate`
+    writes at temperature 0, cache key for cache key), every rejected step and prefix come from it, and the
+    corrections are still sampled at --temperature. With max_drop, the empty prefix's rate comes from M
+    continuations at --temperature, not from the greedy solution's 0 or 1."""
+    from stepdpo.generate.generate import GenerateOptions, generate
+
+    common = dict(problems=str(solver / "train.jsonl"), model=str(solver / "sft" / "final"), limit=60,
+                  max_new_tokens=64, batch_size=32, progress=False)
+    generate(GenerateOptions(out=str(tmp_path / "greedy"), temperature=0.0, **common))
+    greedy = {r["problem_id"]: r["steps"] for r in map(json.loads, (tmp_path / "greedy" / "samples.jsonl").open())}
+    greedy_keys = {json.loads(x)["key"] for x in (tmp_path / "greedy" / "generate_cache.jsonl").open()}
+    report = mine(MineOptions(out=str(tmp_path / "eq"), samples=1, sample_temperature=0, rollouts=4, temperature=1.0,
+                              locate="equations", **common))
+    pairs = [json.loads(x) for x in (tmp_path / "eq" / "pairs.jsonl").read_text().splitlines()]
+    assert report["sample_temperature"] == 0 and report["samples"] == 60 and report["pairs"] == len(pairs) > 0
+    rows = [json.loads(x) for x in (tmp_path / "eq" / "mine_cache.jsonl").read_text().splitlines()]
+    # every greedy solution is one mine examined; a whole solution besides them continues an error in step 1
+    assert greedy_keys <= {r["key"] for r in rows if "prefix_steps" not in r}
+    for p in pairs:
+        src = p["source"][0]
+        steps, k = greedy[src["problem_id"]], src["error_step"]
+        assert steps[k - 1] == p["rejected_steps"][0] and steps[: k - 1] == p["prefix_steps"]
+    by_prefix: dict = {}
+    for r in rows:
+        if "prefix_steps" in r:
+            by_prefix.setdefault((r["problem_id"], tuple(r["prefix_steps"])), set()).add(r["text"])
+    assert any(len(texts) > 1 for texts in by_prefix.values())  # sampled, not greedy: a prefix's continuations differ
+
+    drop = mine(MineOptions(out=str(tmp_path / "drop"), samples=1, sample_temperature=0, rollouts=4, temperature=1.0,
+                            locate="rollout", error_rule="max_drop", **common))
+    pairs = [json.loads(x) for x in (tmp_path / "drop" / "pairs.jsonl").read_text().splitlines()]
+    assert drop["pairs"] == len(pairs) > 0
+    rows = [json.loads(x) for x in (tmp_path / "drop" / "mine_cache.jsonl").read_text().splitlines()]
+    wholes = [r for r in rows if "prefix_steps" not in r]
+    assert sum(r["key"] in greedy_keys for r in wholes) == 60
+    gold = {json.loads(x)["problem"]: parse_answer(json.loads(x)["answer"])
+            for x in (solver / "train.jsonl").read_text().splitlines()}
+    empty: dict = {}  # the other whole solutions: the M continuations of the empty prefix
+    for r in wholes:
+        if r["key"] not in greedy_keys:
+            empty.setdefault(r["problem_id"], []).append(r)
+    for p in pairs:
+        src = p["source"][0]
+        said = [locate_answer(x["text"])[0] for x in empty[src["problem_id"]]]
+        rate = sum(s is not None and equivalent(gold[p["problem"]], parse_answer(s)) for s in said) / 4
+        assert len(said) == 4 and src["sample_success"] == rate

@@ -84,3 +84,13 @@ def test_dpop_takes_the_dpo_stage_and_no_trl_loss_type():
     options, _ = parse("loop", ["--config", str(REPO / "configs" / "recipes" / "smollm2-135m" / "loop_arith.yaml"),
                                 "--step-loss", "dpop", "--out", "/tmp/unused"])
     assert _dpo_loss(options) == {"step_loss": "dpop", "dpop_lambda": 50.0}
+
+
+def test_greedy_mining_is_checked_before_the_run_starts():
+    """The loop builds MineOptions only after A0 is trained: a greedy setting it would refuse fails at once."""
+    with pytest.raises(OptionsError, match="--samples: 4 greedy solutions per problem .* set --samples 1"):
+        LoopOptions(sample_temperature=0, samples=4)
+    with pytest.raises(OptionsError, match="--sample-temperature: -1.0: a temperature >= 0"):
+        LoopOptions(sample_temperature=-1.0)
+    options, _ = parse("loop", ["--sample-temperature", "0", "--samples", "1", "--out", "/tmp/unused"])
+    assert options.sample_temperature == 0 and options.samples == 1

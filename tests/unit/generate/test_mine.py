@@ -51,3 +51,30 @@ def test_solved_solutions_are_the_right_samples_as_step_lists():
     assert rows == [{"id": f"a#{i}", "problem": problems[0].text, "answer": "10", "steps": steps}
                     for i, steps in ((0, right), (2, right), (3, lucky))]
     assert _solution_from(rows[0], "auto") == (problems[0].text, right)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(sample_temperature=0, samples=4), "--samples: 4 greedy solutions per problem would be one solution 4 "
+                                            "times: with --sample-temperature 0 set --samples 1"),
+    (dict(sample_temperature=-0.5), "--sample-temperature: -0.5: a temperature >= 0"),
+])
+def test_greedy_solutions_need_one_sample_and_a_temperature_is_never_negative(fields, message):
+    with pytest.raises(StepdpoError, match=message):
+        MineOptions(problems="p.jsonl", model="m", out="o", **fields)
+
+
+def test_the_solutions_temperature_changes_only_the_solutions_settings():
+    """The K solutions are drawn with --sample-temperature and the continuations with --temperature; left unset,
+    both use --temperature (and so the cache keys of runs before the option stay as they were)."""
+    from stepdpo.generate.generate import policy_identity, with_settings
+
+    o = MineOptions(problems="p.jsonl", model="m", out="o", samples=1, temperature=1.0, sample_temperature=0)
+    assert o.sampling_settings()["temperature"] == 1.0 and o.solution_settings()["temperature"] == 0
+    assert {k: v for k, v in o.solution_settings().items() if k != "temperature"} == \
+        {k: v for k, v in o.sampling_settings().items() if k != "temperature"}
+    assert MineOptions(problems="p.jsonl", model="m", out="o").solution_settings() == \
+        MineOptions(problems="p.jsonl", model="m", out="o").sampling_settings()
+    identity = policy_identity("model@abc", o.sampling_settings(), "plain", "vllm")
+    assert with_settings(identity, o.sampling_settings()) == identity
+    assert with_settings(identity, o.solution_settings()) == policy_identity("model@abc", o.solution_settings(),
+                                                                              "plain", "vllm")
