@@ -12,7 +12,11 @@ For a run directory of `stepdpo loop` it reports
 - each model's greedy solutions (answers_*/samples.jsonl, the split measured last, or with --split S
   answers_*/samples_S.jsonl): the share of false equations among the equations they write, steps per solution, and
   how many end without a stated answer;
-- the learning curves of the DPO stage and the controls (train_summary.json / sft_summary.json: every logged step).
+- the learning curves of the DPO stage and the controls (train_summary.json / sft_summary.json: every logged step);
+- with --policy-preference, where the policy that mined (A0) stood on each pair before training: its most likely
+  token at the first token where the chosen and rejected steps differ. A pair whose chosen token is already A0's
+  argmax corrects an error greedy decoding (what the evaluation measures) does not make; DPO's loss, relative to
+  the reference, pushes on it all the same. This loads the model (a minute for SmolLM2-135M on 2 cores).
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ def curve(path: Path) -> list[dict]:
             for h in history if "loss" in h]
 
 
-def analyse(run: str | Path, split: str | None = None) -> dict:
-    """split: whose solutions to read (validation or test); None: the split the run measured last."""
+def analyse(run: str | Path, split: str | None = None, preference: str | None = None) -> dict:
+    """split: whose solutions to read (validation or test); None: the split the run measured last. preference: the
+    policy whose standing on the pairs to measure ("A0": the one that mined)."""
     run = Path(run)
     out: dict = {"run": str(run), "split": split or _last_split(run)}
     report = run / "mine" / "report.json"
@@ -81,10 +86,60 @@ def analyse(run: str | Path, split: str | None = None) -> dict:
             k = p["source"][0].get("error_step")
             steps[k] = steps.get(k, 0) + 1
         out["error_step"] = {str(k): v for k, v in sorted(steps.items())}
+        if preference:
+            model = mining_policy(run) if preference == "A0" else preference
+            settings = json.loads((run / "summary.json").read_text())["settings"]
+            out["policy_preference"] = policy_preference(pairs, model, settings)
     samples = f"samples_{split}.jsonl" if split else "samples.jsonl"
     out["solutions"] = {name: solutions(run / d / samples) for name, d in MODELS.items() if (run / d / samples).is_file()}
     out["curves"] = {name: curve(run / f) for name, f in STAGES.items() if (run / f).is_file()}
     return out
+
+
+def mining_policy(run: Path) -> str:
+    """The policy that mined (A0): the loop's SFT model, else the model it converted, else the --model it began from."""
+    settings = json.loads((run / "summary.json").read_text())["settings"]
+    if settings.get("sft_steps") and (run / "sft" / "final").is_dir():
+        return str(run / "sft" / "final")
+    if (run / "model" / "config.json").is_file():
+        return str(run / "model")
+    return settings["model"]
+
+
+def policy_preference(pairs: list[dict], model: str, settings: dict) -> dict:
+    """For each pair, the policy's most likely token at the first token where prompt + chosen and prompt + rejected
+    differ (rendered as training renders them): the chosen one, the rejected one or another; `prefix` counts pairs
+    where one step is the start of the other (no token to compare). And the median probability of each."""
+    from statistics import median
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stepdpo.data.pairs import prompt_style, render_pair
+    from stepdpo.models import load_pretrained, load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    lm = load_pretrained(AutoModelForCausalLM, model).eval()
+    style = prompt_style(tokenizer, settings.get("chat_template", "auto"), settings.get("system_prompt"),
+                         settings["instruction"])
+    argmax = {"chosen": 0, "rejected": 0, "other": 0, "prefix": 0}
+    p_chosen, p_rejected = [], []
+    for pair in pairs:
+        prompt, chosen, rejected = render_pair(pair, 0, style)
+        a, b = (tokenizer(prompt + x, add_special_tokens=style.add_special_tokens)["input_ids"] for x in (chosen, rejected))
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None:
+            argmax["prefix"] += 1
+            continue
+        with torch.no_grad():
+            probs = lm(torch.tensor([a[:k]])).logits[0, -1].float().softmax(-1)
+        top = int(probs.argmax())
+        argmax["chosen" if top == a[k] else "rejected" if top == b[k] else "other"] += 1
+        p_chosen.append(float(probs[a[k]]))
+        p_rejected.append(float(probs[b[k]]))
+    return {"model": model, "pairs": len(pairs), "argmax": argmax,
+            "median_p_chosen": round(median(p_chosen), 4) if p_chosen else None,
+            "median_p_rejected": round(median(p_rejected), 4) if p_rejected else None}
 
 
 def _last_split(run: Path) -> str | None:
@@ -101,6 +156,13 @@ def render(a: dict) -> str:
         lines.append(f"pairs: {q['pairs']}, clean by the arithmetic check {q['clean']}; prefix with a false equation "
                      f"{q['prefix_wrong']}, chosen false {q['chosen_wrong']}, rejected true {q['rejected_not_wrong']}, "
                      f"rejected with no equation {q['rejected_unchecked']}; error at step {a['error_step']}")
+    if "policy_preference" in a:
+        q = a["policy_preference"]
+        n = q["pairs"] - q["argmax"]["prefix"]
+        lines.append(f"before training, {q['model']}'s most likely token where chosen and rejected first differ: the "
+                     f"chosen one in {q['argmax']['chosen']} of {n} pairs, the rejected one in {q['argmax']['rejected']}"
+                     f", another in {q['argmax']['other']} (median p chosen {q['median_p_chosen']}, rejected "
+                     f"{q['median_p_rejected']})")
     for name, s in a["solutions"].items():
         lines.append(f"{name}: {s['false_equations']} of {s['equations']} equations false ({s['false_share']}), "
                      f"{s['steps_per_solution']} steps per solution, {s['no_answer_line']} without an answer line")
@@ -118,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the analysis here")
     parser.add_argument("--split", choices=("validation", "test"),
                         help="read the solutions to these problems (default: the split the run measured last)")
+    parser.add_argument("--policy-preference", nargs="?", const="A0", metavar="MODEL",
+                        help="measure where a policy stood on each mined pair (default: A0, the one that mined)")
     a = parser.parse_args(argv)
     if not (Path(a.run) / "summary.json").is_file() and not (Path(a.run) / "mine").is_dir():
         raise SystemExit(f"benchmarks.loop_analysis: {a.run} is not a `stepdpo loop` output directory (no summary.json "
@@ -127,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"benchmarks.loop_analysis: {a.run} holds no solutions to the {a.split} problems "
                          f"(answers_*/samples_{a.split}.jsonl): measure them with `stepdpo loop ... --evaluate "
                          f"{a.split} --reuse`, which generates only what its caches lack")
-    result = analyse(a.run, a.split)
+    if a.policy_preference and not (Path(a.run) / "mine" / "pairs.jsonl").is_file():
+        raise SystemExit(f"benchmarks.loop_analysis: --policy-preference reads the mined pairs, and {a.run} has no "
+                         "mine/pairs.jsonl: pass a loop run that mined")
+    result = analyse(a.run, a.split, a.policy_preference)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     print(render(result), end="")
