@@ -138,13 +138,13 @@ def test_the_real_model_recipe_quick(smollm2_gguf, tmp_path):
 def test_a_loop_whose_mining_finds_no_pair_stops_with_what_it_measured(tmp_path):
     """The untrained tiny model solves nothing, so `mine` has no correct continuation to pair: the loop stops with
     one line saying why and how to get pairs, and summary.json keeps A0 and the mining report (a GSM8K run at its
-    floor, or at --quick, ends so; before, it left no summary). Mined with --locate equations, which the loop passes
-    on to mine."""
+    floor, or at --quick, ends so; before, it left no summary). Mined with --locate equations and greedy solutions
+    (--sample-temperature 0), which the loop passes on to mine."""
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "stepdpo.cli", "loop", "--out", str(out), "--no-progress",
                           "--sft-steps", "0", "--train-problems", "8", "--mine-problems", "4", "--test-problems", "6",
-                          "--samples", "2", "--rollouts", "2", "--max-new-tokens", "8", "--dpo-steps", "1",
-                          "--locate", "equations"],
+                          "--samples", "1", "--sample-temperature", "0", "--rollouts", "2", "--max-new-tokens", "8",
+                          "--dpo-steps", "1", "--locate", "equations"],
                          env=child_env(OMP_NUM_THREADS=2), capture_output=True, text=True, timeout=600)
     assert res.returncode != 0
     assert "mine found no pair in 4 training problems" in res.stderr and "summary.json" in res.stderr
@@ -155,3 +155,4 @@ def test_a_loop_whose_mining_finds_no_pair_stops_with_what_it_measured(tmp_path)
     assert set(s["accuracy"]) == {"A0"} and s["paired_tests"] == {} and "after" not in s["answer_accuracy"]
     assert s["mine"]["problems"] == 4 and s["generations"]["mine"] > 0 and "mine" in s["seconds"]["stages"]
     assert s["settings"]["locate"] == s["mine"]["locate"] == "equations"  # the loop's --locate reaches mine
+    assert s["settings"]["sample_temperature"] == s["mine"]["sample_temperature"] == 0  # and so does this
