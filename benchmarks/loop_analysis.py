@@ -87,8 +87,8 @@ def analyse(run: str | Path, split: str | None = None, preference: str | None = 
             steps[k] = steps.get(k, 0) + 1
         out["error_step"] = {str(k): v for k, v in sorted(steps.items())}
         if preference:
-            model = mining_policy(run) if preference == "A0" else preference
             settings = json.loads((run / "summary.json").read_text())["settings"]
+            model = mining_policy(run, settings) if preference == "A0" else preference
             out["policy_preference"] = policy_preference(pairs, model, settings)
     samples = f"samples_{split}.jsonl" if split else "samples.jsonl"
     out["solutions"] = {name: solutions(run / d / samples) for name, d in MODELS.items() if (run / d / samples).is_file()}
@@ -96,9 +96,9 @@ def analyse(run: str | Path, split: str | None = None, preference: str | None = 
     return out
 
 
-def mining_policy(run: Path) -> str:
-    """The policy that mined (A0): the loop's SFT model, else the model it converted, else the --model it began from."""
-    settings = json.loads((run / "summary.json").read_text())["settings"]
+def mining_policy(run: Path, settings: dict) -> str:
+    """The policy that mined (A0): the loop's SFT model, else the model it converted, else the --model it began from
+    (`settings`: summary.json's)."""
     if settings.get("sft_steps") and (run / "sft" / "final").is_dir():
         return str(run / "sft" / "final")
     if (run / "model" / "config.json").is_file():

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from stepdpo.data.pairs import DEFAULT_INSTRUCTION
 from stepdpo.errors import StepdpoError
+from stepdpo.generate.mine import check_solution_sampling
 from stepdpo.options import check, check_choice, opt
 from stepdpo.train import DPOP_LAMBDA
 
@@ -157,12 +158,9 @@ class LoopOptions:
         check(self.step_loss == "dpop" or self.dpop_lambda == DPOP_LAMBDA, "dpop_lambda", "is read by --step-loss dpop only")
         check(self.dpop_lambda >= 0, "dpop_lambda", f"{self.dpop_lambda}: a penalty >= 0 (0 is plain DPO)")
         check(self.batch % self.gradient_accumulation == 0, "gradient_accumulation", "must divide --batch")
-        # MineOptions checks these too, but only once A0 is trained: checked here, before the run starts
-        check(self.sample_temperature is None or self.sample_temperature >= 0, "sample_temperature",
-              f"{self.sample_temperature}: a temperature >= 0 (0: greedy)")
-        check(self.sample_temperature != 0 or self.samples == 1, "samples",
-              f"{self.samples} greedy solutions per problem would be one solution {self.samples} times: with "
-              "--sample-temperature 0 set --samples 1")
+        # mine's own check, here too: the loop builds MineOptions only once A0 is trained, and a wrong setting must
+        # fail before the run starts
+        check_solution_sampling(self.sample_temperature, self.samples)
         check(self.dpo_epochs >= 0, "dpo_epochs", f"{self.dpo_epochs}: a number of epochs >= 0 (0: --dpo-steps)")
         check(self.dpo_steps >= 1 and self.mine_problems >= 1 and self.train_problems >= 1, "dpo_steps",
               "--dpo-steps, --mine-problems and --train-problems must be >= 1")

@@ -44,6 +44,15 @@ ERROR_RULES = ("first_zero", "max_drop")
 LOCATORS = ("rollout", "prm", "equations")
 
 
+def check_solution_sampling(sample_temperature: float | None, samples: int) -> None:
+    """--sample-temperature and --samples, for `mine` and for `stepdpo loop` (which checks them before its run)."""
+    check(sample_temperature is None or sample_temperature >= 0, "sample_temperature",
+          f"{sample_temperature}: a temperature >= 0 (0: greedy)")
+    check(sample_temperature != 0 or samples == 1, "samples",
+          f"{samples} greedy solutions per problem would be one solution {samples} times: with "
+          "--sample-temperature 0 set --samples 1")
+
+
 @dataclass
 class MineOptions(PolicyOptions):
     problems: str = opt(REQUIRED, "Training problems with reference answers (never the held-out ones).")
@@ -91,11 +100,7 @@ class MineOptions(PolicyOptions):
         check(self.locate != "prm" or bool(self.reward_model), "reward_model", "--locate prm needs --reward-model")
         check(self.reward_backend != "vllm" or bool(self.reward_url), "reward_url",
               "--reward-backend vllm needs --reward-url")
-        check(self.sample_temperature is None or self.sample_temperature >= 0, "sample_temperature",
-              f"{self.sample_temperature}: a temperature >= 0 (0: greedy)")
-        check(self.sample_temperature != 0 or self.samples == 1, "samples",
-              f"{self.samples} greedy solutions per problem would be one solution {self.samples} times: with "
-              "--sample-temperature 0 set --samples 1")
+        check_solution_sampling(self.sample_temperature, self.samples)
 
     def solution_settings(self) -> dict:
         """The K solutions' sampling settings: --sample-temperature in place of --temperature."""
@@ -113,8 +118,9 @@ class _Sampler:
         self.tokenizer, self.style, self.identity, self.generator = open_policy(options, self.settings, model)
         # the K solutions: their own settings, and so their own cache keys and seeds
         self.solution_settings = options.solution_settings()
-        self.solution_identity = (self.identity if self.solution_settings == self.settings
-                                  else with_settings(self.identity, self.solution_settings))
+        self.solutions_apart = self.solution_settings != self.settings
+        self.solution_identity = (with_settings(self.identity, self.solution_settings) if self.solutions_apart
+                                  else self.identity)
         self.cache = SampleCache(Path(options.out) / "mine_cache.jsonl")
         self.batch_size, self.progress = options.batch_size, options.progress
         self.generated = self.cache_hits = 0
@@ -195,7 +201,7 @@ def mine(options: MineOptions, model=None) -> dict:
         # rollouts from a prefix, shared by every wrong sample of a problem that has that prefix
         rollouts: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
         start = solved  # the empty prefix's success rate (max_drop's first comparison)
-        if sampler.solution_settings == sampler.settings:
+        if not sampler.solutions_apart:
             for p, rows in zip(problems, first):
                 rollouts[(p.id, ())] = rows  # the K first samples are the continuations of the empty prefix
         elif options.locate == "rollout" and options.error_rule == "max_drop":
